@@ -1,0 +1,73 @@
+"""Held-out evaluation of a trained SAE inside its CLIP: reconstruction metrics, and zero-shot accuracy of
+the original model, with the SAE reconstruction spliced into all tokens of the hooked block, and with that
+block's output zero-ablated. One forward to the hooked block per batch serves all of them."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from patchsae.data.base import LabelledImages, SkipLog, iter_batches
+from patchsae.models.clip import ClipModel
+from patchsae.sae.metrics import ReconstructionStats
+from patchsae.sae.model import SAE
+
+
+@torch.no_grad()
+def evaluate(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, batch_size: int = 256,
+             max_images: int | None = None, progress: bool = True) -> tuple[dict, torch.Tensor]:
+    """Return (metrics, per-latent token firing frequency)."""
+    sae = sae.to(model.device).eval()
+    head_CE = model.text_head(ds.class_names)
+    stats = ReconstructionStats(sae.cfg.d_model, sae.cfg.d_sae)
+    image_rows = model.layout().image_token_mask()
+    correct = {"zero_shot_accuracy": 0, "spliced_accuracy": 0, "zero_ablated_accuracy": 0}
+    n = 0
+    order = range(min(len(ds), max_images)) if max_images else None
+    skips = SkipLog()
+    for pixels, labels, _ in iter_batches(ds, model.preprocess, batch_size, order, skips,
+                                          "evaluate" if progress else None):
+        h_BTD = model.block_output(pixels, layer)
+        f_BTS = sae.encode(h_BTD)
+        xhat_BTD = sae.decode(f_BTS)
+        stats.update(h_BTD[:, image_rows], xhat_BTD[:, image_rows], f_BTS[:, image_rows])
+        labels = labels.to(model.device)
+        for key, resid in (("zero_shot_accuracy", h_BTD), ("spliced_accuracy", xhat_BTD),
+                           ("zero_ablated_accuracy", torch.zeros_like(h_BTD))):
+            pred = model.logits(model.finish_from(resid, layer), head_CE).argmax(-1)
+            correct[key] += (pred == labels).sum().item()
+        n += len(labels)
+    metrics = stats.result()
+    metrics.update({k: v / n for k, v in correct.items()})
+    metrics["eval_images"] = n
+    metrics["eval_skipped"] = skips.count
+    return metrics, stats.frequencies()
+
+
+def log_density_figure(freq_S: torch.Tensor, path: str | Path, title: str) -> None:
+    """Histogram of log10 firing frequency per latent; dead latents are counted in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from patchsae.utils import atomic_path
+
+    alive = freq_S[freq_S > 0]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if len(alive):
+        ax.hist(torch.log10(alive).numpy(), bins=60, color="#3b6ea5")
+    ax.set_xlabel("log10 firing frequency (fraction of tokens)")
+    ax.set_ylabel("latents")
+    dead = int((freq_S == 0).sum())
+    ax.set_title(f"{title}\n{dead} of {len(freq_S)} latents never fired ({dead / max(len(freq_S), 1):.1%})")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None

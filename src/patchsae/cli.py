@@ -1,0 +1,130 @@
+"""`patchsae` command line: one subcommand per stage, and `quickstart` that chains them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from patchsae import PatchSAEError
+from patchsae.run import EMBEDDED_DEFAULTS, Run, RunConfig
+
+_HELP = {
+    "model": "CLIP to open: 'embedded' (default), a local Hugging Face CLIP folder, or a hub id such as "
+             "openai/clip-vit-base-patch16",
+    "dataset": "'fashion-mnist', a folder of class subfolders, a datasets save_to_disk folder, or hf:NAME",
+    "train_split": "split whose activations are cached and trained on",
+    "eval_split": "held-out split for evaluation",
+    "layer": "block whose output (residual stream) is hooked; negative counts from the end (-2 = paper)",
+    "tokens": "tokens to train on: all (CLS + patches, the paper), patch, or cls",
+    "max_train_images": "cache only the first N training images",
+    "max_eval_images": "evaluate on the first N held-out images",
+    "arch": "relu (paper: ReLU + L1, ghost grads) or topk (TopK + AuxK)",
+    "expansion": "d_sae = expansion x d_model (paper: 64)",
+    "k": "active latents per token for topk",
+    "l1_coeff": "L1 coefficient lambda for relu (paper: 8e-5)",
+    "lr": "Adam learning rate (paper: 4e-4)",
+    "warmup_steps": "linear warm-up steps (paper: 500)",
+    "batch_tokens": "tokens per training step",
+    "epochs": "passes over the cached tokens",
+    "seed": "random seed (initialisation and token order)",
+    "device": "cpu or cuda",
+    "batch_images": "images per forward pass when extracting",
+}
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory (created if missing)")
+    for f in fields(RunConfig):
+        typ = {"int": int, "float": float, "str": str}.get(str(f.type).split(" ")[0], None)
+        if f.name.startswith("max_"):
+            typ = int
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ or str, default=None,
+                       help=_HELP.get(f.name, ""))
+
+
+def _overrides(args) -> dict:
+    return {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None}
+
+
+def _base(args) -> RunConfig:
+    model = getattr(args, "model", None) or "embedded"
+    return RunConfig(**EMBEDDED_DEFAULTS) if model == "embedded" else RunConfig()
+
+
+def cmd_cache(args):
+    from patchsae.pipeline import stage_cache
+
+    run = Run(args.run)
+    run.init(_base(args), _overrides(args))
+    m = stage_cache(run)
+    print(f"cached {m['n_images']} images x {m['n_tokens_per_image']} tokens x {m['d_model']} "
+          f"(block {m['layer']}) in {run.cache_dir(m['split'])}")
+
+
+def cmd_train(args):
+    from patchsae.pipeline import stage_train
+
+    run = Run(args.run)
+    run.init(_base(args), _overrides(args))
+    sae = stage_train(run)
+    print(f"trained SAE {sae.cfg.d_model} -> {sae.cfg.d_sae} ({sae.cfg.arch}) in {run.sae_dir}")
+
+
+def cmd_evaluate(args):
+    import json
+
+    from patchsae.pipeline import stage_evaluate
+
+    run = Run(args.run)
+    print(json.dumps(stage_evaluate(run), indent=2))
+
+
+def cmd_quickstart(args):
+    from patchsae.pipeline import format_summary, quickstart
+
+    summary = quickstart(Run(args.run), _base(args), _overrides(args))
+    print(format_summary(summary))
+    print(f"wrote {args.run}/summary.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="patchsae",
+        description="Sparse autoencoders on every token of a CLIP vision transformer (PatchSAE). "
+                    "Each stage reads and writes one run directory.",
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    specs = [
+        ("cache", cmd_cache, "extract the hooked block's activations of the training split into an fp16 cache"),
+        ("train", cmd_train, "train the SAE on the cached activations (resumes from its last checkpoint)"),
+        ("evaluate", cmd_evaluate, "held-out MSE, explained variance, L0, dead latents, zero-shot accuracy "
+                                   "original / SAE-spliced / zero-ablated"),
+        ("quickstart", cmd_quickstart, "cache, train and evaluate in one go (defaults: embedded model on "
+                                       "Fashion-MNIST); writes summary.json"),
+    ]
+    for name, fn, help_ in specs:
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == "evaluate":
+            p.add_argument("--run", required=True, help="run directory with a trained SAE")
+        else:
+            _add_run_options(p)
+        p.set_defaults(fn=fn)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except PatchSAEError as exc:
+        print(f"patchsae: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("patchsae: interrupted; rerun the same command to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Datasets: (image, label) by index, with class names. `open_dataset` picks the kind from the spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from patchsae import PatchSAEError
+from patchsae.data.base import LabelledImages, SkipLog, iter_batches
+
+__all__ = ["LabelledImages", "SkipLog", "iter_batches", "open_dataset"]
+
+
+def open_dataset(spec: str, split: str, **hf_kwargs) -> LabelledImages:
+    """`fashion-mnist` (embedded), a folder of class subfolders, a `save_to_disk` folder, or `hf:NAME`."""
+    if spec in ("fashion-mnist", "embedded"):
+        from patchsae.data.fashion_mnist import FashionMNIST
+
+        return FashionMNIST(split)
+    if spec.startswith("hf:"):
+        from patchsae.data.hf import HFImages
+
+        return HFImages(spec[3:], split, **hf_kwargs)
+    path = Path(spec)
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            from patchsae.data.hf import HFImages
+
+            return HFImages(str(path), split, **hf_kwargs)
+        from patchsae.data.folder import ImageFolder
+
+        split_dir = path / split
+        return ImageFolder(split_dir if split_dir.is_dir() else path, split)
+    raise PatchSAEError(
+        f"unknown dataset {spec!r}: use 'fashion-mnist', a folder of class subfolders, "
+        "a datasets save_to_disk folder, or hf:NAME"
+    )

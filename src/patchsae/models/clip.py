@@ -1,0 +1,204 @@
+"""One interface over a CLIP model: preprocessing, image and text towers, and access to one block's
+residual stream (read it with early exit, or replace it while the forward pass finishes).
+
+The wrapped model is a Hugging Face `CLIPModel`; other checkpoint formats are converted into one on load.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from patchsae import PatchSAEError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Which row of a block's output is which token: CLS first, then an optional run of visual prompt tokens
+    (MaPLe adds them), then the patch grid in row-major order."""
+
+    n_cls: int
+    n_prompt: int
+    grid: tuple[int, int]
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.n_cls + self.n_prompt + self.n_patches
+
+    def kinds(self) -> list[str]:
+        return ["cls"] * self.n_cls + ["prompt"] * self.n_prompt + ["patch"] * self.n_patches
+
+    def image_token_mask(self) -> torch.Tensor:
+        """True for CLS and patch tokens: the tokens an SAE trained on the frozen model sees."""
+        return torch.tensor([k != "prompt" for k in self.kinds()])
+
+    def to_json(self) -> dict:
+        return {"n_cls": self.n_cls, "n_prompt": self.n_prompt, "grid": list(self.grid), "kinds": self.kinds()}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """CLIP's image preprocessing without torchvision: RGB, resize the short side (bicubic), centre-crop,
+    scale to [0, 1], normalise with mean/std."""
+
+    size: int
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def image(self, img: Image.Image) -> torch.Tensor:
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = self.size / min(w, h)
+        if (w, h) != (self.size, self.size):
+            new = (max(self.size, round(w * scale)), max(self.size, round(h * scale)))
+            img = img.resize(new, Image.BICUBIC)
+            w, h = img.size
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        x_HWC = torch.from_numpy(arr)
+        x_HWC = (x_HWC - torch.tensor(self.mean)) / torch.tensor(self.std)
+        return x_HWC.permute(2, 0, 1).contiguous()
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.image(im) for im in images])
+
+
+class ClipModel:
+    """A CLIP vision-language model with block-level access to the vision tower's residual stream.
+
+    `layer` arguments are block indices, negative ones counting from the end (-2 = the paper's block 11 of 12);
+    the residual stream "after block L" equals HF's `hidden_states[L + 1]`.
+    """
+
+    def __init__(self, hf_model, tokenizer, preprocess: Preprocess, name: str, templates: Sequence[str]):
+        self.hf = hf_model.eval()
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.name = name
+        self.templates = tuple(templates)
+        for p in self.hf.parameters():
+            p.requires_grad_(False)
+
+    # ---- shapes -------------------------------------------------------------------------------------------
+    @property
+    def vision(self):
+        return self.hf.vision_model
+
+    @property
+    def blocks(self):
+        return self.vision.encoder.layers
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        return self.hf.config.vision_config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    def layout(self) -> TokenLayout:
+        cfg = self.hf.config.vision_config
+        side = cfg.image_size // cfg.patch_size
+        return TokenLayout(n_cls=1, n_prompt=0, grid=(side, side))
+
+    def resolve_layer(self, layer: int) -> int:
+        """Map a possibly negative block index to 0..n_layers-1, or fail with one clear message."""
+        if not -self.n_layers <= layer < self.n_layers:
+            raise PatchSAEError(
+                f"layer {layer} does not exist: {self.name} has {self.n_layers} blocks "
+                f"(valid: {-self.n_layers}..{self.n_layers - 1})"
+            )
+        return layer % self.n_layers
+
+    # ---- vision ---------------------------------------------------------------------------------------
+    def _embed(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
+        h_BTD = self.vision.embeddings(pixels_BCHW.to(self.device))
+        return self.vision.pre_layrnorm(h_BTD)
+
+    @torch.no_grad()
+    def block_output(self, pixels_BCHW: torch.Tensor, layer: int = -2) -> torch.Tensor:
+        """Residual stream after block `layer` at every token, shape (batch, tokens, width).
+
+        Stops the forward pass there: the blocks above are never run."""
+        last = self.resolve_layer(layer)
+        h_BTD = self._embed(pixels_BCHW)
+        for block in self.blocks[: last + 1]:
+            h_BTD = block(h_BTD, None)
+        return h_BTD
+
+    def _finish(self, h_BTD: torch.Tensor, start: int) -> torch.Tensor:
+        for block in self.blocks[start:]:
+            h_BTD = block(h_BTD, None)
+        pooled_BD = self.vision.post_layernorm(h_BTD[:, 0])
+        return self.hf.visual_projection(pooled_BD)
+
+    @torch.no_grad()
+    def image_features(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image embeddings (batch, projection_dim)."""
+        return self._finish(self._embed(pixels_BCHW), 0)
+
+    @torch.no_grad()
+    def finish_from(self, h_BTD: torch.Tensor, layer: int) -> torch.Tensor:
+        """Image embeddings computed from the residual stream after block `layer` (the rest of the tower)."""
+        return self._finish(h_BTD.to(self.device), self.resolve_layer(layer) + 1)
+
+    @contextmanager
+    def replace_block_output(
+        self, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Iterator[None]:
+        """Within the block, every forward pass replaces block `layer`'s output h_BTD by fn(h_BTD).
+
+        The generic splice point for SAEs and ablations; the hook is removed on exit, even on error."""
+        block = self.blocks[self.resolve_layer(layer)]
+        handle = block.register_forward_hook(lambda _m, _inp, out: fn(out))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    # ---- text ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def text_features(self, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Unnormalised text embeddings (prompts, projection_dim)."""
+        outs = []
+        for i in range(0, len(prompts), batch_size):
+            tok = self.tokenizer(
+                list(prompts[i: i + batch_size]), padding=True, truncation=True, return_tensors="pt"
+            )
+            out = self.hf.get_text_features(
+                input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device)
+            )
+            outs.append(out.pooler_output if hasattr(out, "pooler_output") else out)
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def text_head(self, class_names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+        """Zero-shot classifier (classes, projection_dim): per class, the normalised mean of the normalised
+        embeddings of its prompts (CLIP's prompt ensembling)."""
+        templates = tuple(templates or self.templates)
+        prompts = [t.format(c) for c in class_names for t in templates]
+        emb_PE = F.normalize(self.text_features(prompts), dim=-1)
+        emb_CTE = emb_PE.view(len(class_names), len(templates), -1)
+        return F.normalize(emb_CTE.mean(1), dim=-1)
+
+    @torch.no_grad()
+    def logits(self, image_features_BE: torch.Tensor, head_CE: torch.Tensor) -> torch.Tensor:
+        return F.normalize(image_features_BE, dim=-1) @ head_CE.to(image_features_BE.device).T

@@ -1,0 +1,65 @@
+"""Load a CLIP from any supported source into a `ClipModel`.
+
+Sources: `embedded` (the Fashion-MNIST CLIP shipped in this package), a local Hugging Face CLIP folder, or
+a hub id such as `openai/clip-vit-base-patch16` (needs the hub or a filled HF cache).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from patchsae import PatchSAEError
+from patchsae.models.clip import CLIP_MEAN, CLIP_STD, ClipModel, Preprocess
+from patchsae.models.templates import EMBEDDED_TEMPLATES, IMAGENET_TEMPLATES
+
+EMBEDDED_DIR = Path(__file__).parent / "embedded"
+REAL_DEFAULT = "openai/clip-vit-base-patch16"
+
+
+def _preprocess_from(folder: Path, image_size: int) -> Preprocess:
+    cfg_file = folder / "preprocessor_config.json"
+    if not cfg_file.exists():
+        return Preprocess(image_size, CLIP_MEAN, CLIP_STD)
+    cfg = json.loads(cfg_file.read_text())
+    crop = cfg.get("crop_size", image_size)
+    size = crop.get("height", image_size) if isinstance(crop, dict) else int(crop)
+    return Preprocess(size, tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD)))
+
+
+def _load_hf(source: str, local: bool, device: str):
+    from transformers import AutoTokenizer, CLIPModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    try:
+        model = CLIPModel.from_pretrained(source, local_files_only=local)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+    except OSError as exc:
+        if local:
+            raise PatchSAEError(f"{source}: not a loadable Hugging Face CLIP folder ({exc})") from None
+        raise PatchSAEError(
+            f"cannot load {source!r}: the Hugging Face hub is unreachable and it is not in the local cache; "
+            "download it on a connected machine (huggingface-cli download) and pass the local folder"
+        ) from None
+    return model.to(device), tokenizer
+
+
+def load_model(source: str = "embedded", device: str = "cpu") -> ClipModel:
+    if source == "embedded":
+        if not (EMBEDDED_DIR / "model.safetensors").exists():
+            raise PatchSAEError(f"embedded model missing at {EMBEDDED_DIR}; run scripts/train_embedded.py")
+        model, tok = _load_hf(str(EMBEDDED_DIR), True, device)
+        pre = _preprocess_from(EMBEDDED_DIR, model.config.vision_config.image_size)
+        return ClipModel(model, tok, pre, "embedded", EMBEDDED_TEMPLATES)
+    path = Path(source)
+    if path.is_dir():
+        model, tok = _load_hf(str(path), True, device)
+        pre = _preprocess_from(path, model.config.vision_config.image_size)
+        return ClipModel(model, tok, pre, str(path), IMAGENET_TEMPLATES)
+    if path.suffix or source.startswith((".", "/")):
+        raise PatchSAEError(f"model {source!r}: no such folder")
+    model, tok = _load_hf(source, False, device)
+    pre = _preprocess_from(Path(model.name_or_path), model.config.vision_config.image_size)
+    return ClipModel(model, tok, pre, source, IMAGENET_TEMPLATES)
