@@ -85,6 +85,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=0, help="stop early (for timing)")
+    ap.add_argument("--init", default=None, help="continue from the weights in this model folder")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -92,6 +93,10 @@ def main():
     x_train, y_train = (torch.from_numpy(a) for a in load_arrays("train"))
     x_test, y_test = (torch.from_numpy(a) for a in load_arrays("test"))
     model, tok = make_model(), build_byte_tokenizer()
+    if args.init:
+        from transformers import CLIPModel
+
+        model = CLIPModel.from_pretrained(args.init)
     model.train()
     steps_per_epoch = len(y_train) // args.batch_size
     total = steps_per_epoch * args.epochs
@@ -140,7 +145,9 @@ def main():
                "do_center_crop": True, "crop_size": {"height": 28, "width": 28}, "do_normalize": True,
                "image_mean": [MEAN] * 3, "image_std": [STD] * 3, "do_convert_rgb": True, "resample": 3}
     (out / "preprocessor_config.json").write_text(json.dumps(preproc, indent=2) + "\n")
-    info = {"command": " ".join(["scripts/train_embedded.py"] + sys.argv[1:]), "epochs": args.epochs,
+    prev = json.loads((Path(args.init) / "training_info.json").read_text()) if args.init else None
+    info = {"command": " ".join(["scripts/train_embedded.py"] + sys.argv[1:]), "previous": prev,
+            "epochs": args.epochs,
             "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
             "zero_shot_test_accuracy": acc, "templates": list(EMBEDDED_TEMPLATES),
             "class_names": list(CLASS_NAMES), "seconds": round(time.time() - t0, 1)}

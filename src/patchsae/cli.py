@@ -67,7 +67,7 @@ def cmd_train(args):
 
     run = Run(args.run)
     run.init(_base(args), _overrides(args))
-    sae = stage_train(run)
+    sae = stage_train(run, on_the_fly=args.on_the_fly)
     print(f"trained SAE {sae.cfg.d_model} -> {sae.cfg.d_sae} ({sae.cfg.arch}) in {run.sae_dir}")
 
 
@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     ]
     for name, fn, help_ in specs:
         p = sub.add_parser(name, help=help_, description=help_)
+        if name == "train":
+            p.add_argument("--on-the-fly", action="store_true",
+                           help="extract activations at every step instead of reading the cache")
         if name == "evaluate":
             p.add_argument("--run", required=True, help="run directory with a trained SAE")
         else:

@@ -31,16 +31,28 @@ def stage_cache(run: Run, model=None, progress: bool = True) -> dict:
                        max_images=cfg.max_train_images, progress=progress)
 
 
-def stage_train(run: Run, progress: bool = True):
+def stage_train(run: Run, progress: bool = True, on_the_fly: bool = False):
+    """Train on the run's cache, or (on_the_fly) extract activations for every step with no cache."""
     from patchsae.activations.cache import ActivationCache
-    from patchsae.activations.tokens import CachedTokens
+    from patchsae.activations.tokens import CachedTokens, StreamedTokens
     from patchsae.sae.model import SAEConfig
     from patchsae.sae.train import TrainConfig, train_sae
 
     cfg = run.load_config()
-    cache = ActivationCache(run.cache_dir(cfg.train_split))
-    source = CachedTokens(cache, cfg.tokens, seed=cfg.seed)
-    sae_cfg = SAEConfig(d_model=cache.d_model, d_sae=cfg.expansion * cache.d_model, arch=cfg.arch, k=cfg.k,
+    if on_the_fly:
+        from patchsae.data import open_dataset
+
+        model = _model(cfg)
+        from patchsae.data.base import FirstN
+
+        ds = FirstN(open_dataset(cfg.dataset, cfg.train_split), cfg.max_train_images)
+        source = StreamedTokens(model, ds, cfg.layer, cfg.tokens, seed=cfg.seed)
+        d_model = model.d_model
+    else:
+        cache = ActivationCache(run.cache_dir(cfg.train_split))
+        source = CachedTokens(cache, cfg.tokens, seed=cfg.seed)
+        d_model = cache.d_model
+    sae_cfg = SAEConfig(d_model=d_model, d_sae=cfg.expansion * d_model, arch=cfg.arch, k=cfg.k,
                         l1_coeff=cfg.l1_coeff)
     train_cfg = TrainConfig(total_tokens=int(cfg.epochs * source.n_tokens), batch_tokens=cfg.batch_tokens,
                             lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed, device=cfg.device)

@@ -64,10 +64,18 @@ class Run:
     def figures_dir(self) -> Path:
         return self.path / "figures"
 
+    def has_results(self) -> bool:
+        """Whether any stage has written into the run; until then its config may still be replaced
+        (a rejected setting must not lock the directory)."""
+        return any(p.name != "config.json" for p in self.path.iterdir()) if self.path.is_dir() else False
+
     def load_config(self) -> RunConfig:
         if not self.config_file.exists():
             raise PatchSAEError(f"{self.path} is not a run directory (no config.json); start with `patchsae cache`")
-        data = read_json(self.config_file)
+        try:
+            data = read_json(self.config_file)
+        except ValueError as exc:
+            raise PatchSAEError(f"{self.config_file}: not valid JSON ({exc})") from None
         known = {f.name for f in fields(RunConfig)}
         unknown = set(data) - known
         if unknown:
@@ -76,7 +84,7 @@ class Run:
 
     def init(self, cfg: RunConfig, overrides: dict) -> RunConfig:
         """Create the run's config, or check that explicit overrides agree with the one it has."""
-        if self.config_file.exists():
+        if self.config_file.exists() and self.has_results():
             current = self.load_config()
             clash = {k: (getattr(current, k), v) for k, v in overrides.items() if getattr(current, k) != v}
             if clash:

@@ -80,6 +80,8 @@ class StreamedTokens:
         for pixels, _, _ in iter_batches(self.ds, self.model.preprocess, 256, indices):
             h_BTD = self.model.block_output(pixels, self.layer)
             out.append(h_BTD[:, torch.from_numpy(self.positions)].reshape(-1, h_BTD.shape[-1]))
+        if not out:
+            return torch.empty(0, self.model.d_model)
         return torch.cat(out).float()
 
     def sample(self, n: int) -> torch.Tensor:
@@ -89,14 +91,26 @@ class StreamedTokens:
         return self._tokens_of(np.sort(imgs))[:n]
 
     def batches(self, batch_size: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        """Each step takes the next n_img images of the epoch's permutation (the epoch's remainder is
+        dropped, so every batch is full); a step that lost images to decode errors is topped up from the
+        images after the epoch's last full step."""
         per_image = len(self.positions)
-        n_img = self.images_per_step or -(-batch_size // per_image)
-        per_epoch = -(-len(self.ds) // n_img)
+        n_img = max(self.images_per_step, -(-batch_size // per_image))
+        per_epoch = len(self.ds) // n_img
+        if per_epoch == 0:
+            raise PatchSAEError(f"{self.ds.name} has {len(self.ds)} images; a batch of {batch_size} tokens "
+                                f"needs {n_img}")
         step = start_step
         while True:
             epoch, b = divmod(step, per_epoch)
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.ds))
             x_ND = self._tokens_of(np.sort(order[b * n_img: (b + 1) * n_img]))
+            spare = iter(order[per_epoch * n_img:])
+            while len(x_ND) < batch_size:
+                nxt = next(spare, None)
+                if nxt is None:
+                    raise PatchSAEError(f"too many unreadable images in {self.ds.name} to fill a batch")
+                x_ND = torch.cat([x_ND, self._tokens_of([int(nxt)])])
             pick = np.random.default_rng([self.seed, epoch, b]).permutation(len(x_ND))[:batch_size]
             yield x_ND[torch.from_numpy(pick)]
             step += 1

@@ -85,3 +85,19 @@ def iter_batches(
         yield torch.stack(images), torch.tensor(labels), torch.tensor(idx)
     if skips.count and progress is not None:
         print(f"warning: skipped {skips.count} unreadable image(s) of {len(order)}", file=sys.stderr)
+
+
+class FirstN:
+    """The first n images of a dataset (for quick runs); indices are unchanged."""
+
+    def __init__(self, ds: LabelledImages, n: int | None):
+        self.ds, self.n = ds, len(ds) if n is None else min(n, len(ds))
+        self.name, self.split, self.class_names = ds.name, ds.split, ds.class_names
+
+    def __len__(self) -> int:
+        return self.n
+
+    def load(self, i: int):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.ds.load(i)

@@ -31,8 +31,11 @@ def load_sae(folder: str | Path, d_model: int | None = None) -> tuple[SAE, dict]
     cfg_file, weights = folder / "config.json", folder / "model.safetensors"
     if not cfg_file.exists() or not weights.exists():
         raise PatchSAEError(f"no trained SAE in {folder} (expected config.json and model.safetensors)")
-    meta = read_json(cfg_file)
-    cfg = SAEConfig(**meta["sae"])
+    try:
+        meta = read_json(cfg_file)
+        cfg = SAEConfig(**meta["sae"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PatchSAEError(f"{cfg_file}: unreadable SAE config ({type(exc).__name__}: {exc})") from None
     if d_model is not None and cfg.d_model != d_model:
         raise PatchSAEError(
             f"SAE in {folder} was trained on width {cfg.d_model}, but the model's hooked block has width {d_model}"
@@ -81,14 +84,15 @@ def load_training_state(path: str | Path, sae: SAE, opt: torch.optim.Optimizer) 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise PatchSAEError(f"{path}: unreadable training checkpoint ({exc})") from None
+        step, opt_meta, info, since_fired = int(meta["step"]), json.loads(meta["opt"]), json.loads(meta["info"]), \
+            tensors["since_fired"]
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
+        raise PatchSAEError(f"{path}: unreadable training checkpoint ({type(exc).__name__}: {exc})") from None
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         sae.load_state_dict(model_state)
     except RuntimeError as exc:
         raise PatchSAEError(f"{path}: checkpoint does not match this SAE's shape ({str(exc).splitlines()[-1].strip()})") from None
-    opt_meta = json.loads(meta["opt"])
     for name, p in sae.named_parameters():
         st = {}
         for key in ("exp_avg", "exp_avg_sq"):
@@ -98,4 +102,4 @@ def load_training_state(path: str | Path, sae: SAE, opt: torch.optim.Optimizer) 
             st["step"] = torch.tensor(opt_meta[f"{name}.step"])
         if st:
             opt.state[p] = st
-    return int(meta["step"]), tensors["since_fired"], json.loads(meta["info"])
+    return step, since_fired, info

@@ -119,7 +119,9 @@ def _read_log(path: Path, up_to_step: int) -> list[dict]:
     if not path.exists() or up_to_step == 0:
         return []
     with path.open() as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f) if float(row["step"]) <= up_to_step]
+        rows = [{k: int(v) if k in ("step", "tokens") else float(v) for k, v in row.items()}
+                for row in csv.DictReader(f)]
+    return [r for r in rows if r["step"] <= up_to_step]
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:

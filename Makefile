@@ -1,0 +1,31 @@
+# Two entry points: `make quickstart` (main job on the embedded default) and `make test`.
+# Both create .venv, install the package and the Debian Fashion-MNIST dataset when missing.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+RUN    ?= runs/quickstart
+SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup data quickstart test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed data
+
+data:
+	@test -f $(FMNIST) || $(SUDO) apt-get install -y dataset-fashion-mnist \
+	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist)
+
+quickstart: setup
+	$(PY) -m patchsae quickstart --run $(RUN)
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs
