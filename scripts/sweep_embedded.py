@@ -1,0 +1,61 @@
+"""Sweep SAE settings on the embedded model to choose the quickstart defaults (recorded in the README).
+
+    .venv/bin/python scripts/sweep_embedded.py --run runs/sweep --l1 1e-3 3e-3 1e-2 --epochs 0.5
+
+Caches the training split once in --run, then trains one SAE per setting in --run/sweep_<arch>_<value> and
+evaluates it on the first --eval-images test images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+
+from patchsae.pipeline import stage_cache, stage_evaluate, stage_train
+from patchsae.run import EMBEDDED_DEFAULTS, Run, RunConfig
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--l1", type=float, nargs="*", default=[])
+    ap.add_argument("--topk", type=int, nargs="*", default=[])
+    ap.add_argument("--expansion", type=int, default=EMBEDDED_DEFAULTS["expansion"])
+    ap.add_argument("--epochs", type=float, default=0.5)
+    ap.add_argument("--eval-images", type=int, default=2000)
+    args = ap.parse_args()
+
+    base = replace(RunConfig(**EMBEDDED_DEFAULTS), epochs=args.epochs, expansion=args.expansion,
+                   max_eval_images=args.eval_images)
+    root = Run(args.run)
+    root.init(base, {})
+    stage_cache(root)
+    settings = [("relu", dict(arch="relu", l1_coeff=v)) for v in args.l1]
+    settings += [("topk", dict(arch="topk", k=v)) for v in args.topk]
+    rows = []
+    for arch, over in settings:
+        value = over.get("l1_coeff", over.get("k"))
+        sub = Run(root.path / f"sweep_{arch}_{value:g}_x{args.expansion}")
+        sub.init(replace(base, **over), {})
+        (sub.path / "cache").mkdir(exist_ok=True)
+        link = sub.cache_dir(base.train_split)
+        if not link.exists():
+            link.symlink_to(root.cache_dir(base.train_split).resolve())
+        stage_train(sub)
+        m = stage_evaluate(sub)
+        row = {"arch": arch, "value": value, **{k: m[k] for k in (
+            "explained_variance", "l0_per_token", "dead_fraction", "dense_fraction", "zero_shot_accuracy",
+            "spliced_accuracy")}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("| arch | lambda / k | EV | L0/token | dead | dense | zero-shot | spliced |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['arch']} | {r['value']:g} | {r['explained_variance']:.3f} | {r['l0_per_token']:.1f} | "
+              f"{r['dead_fraction']:.3f} | {r['dense_fraction']:.3f} | {r['zero_shot_accuracy']:.3f} | "
+              f"{r['spliced_accuracy']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
