@@ -10,8 +10,8 @@ from patchsae import PatchSAEError
 from patchsae.run import EMBEDDED_DEFAULTS, Run, RunConfig
 
 _HELP = {
-    "model": "CLIP to open: 'embedded' (default), a local Hugging Face CLIP folder, or a hub id such as "
-             "openai/clip-vit-base-patch16",
+    "model": "CLIP to open: 'embedded' (default), a local Hugging Face CLIP folder, a hub id such as "
+             "openai/clip-vit-base-patch16, or an OpenAI-layout .pt/.safetensors file (see `patchsae models`)",
     "dataset": "'fashion-mnist', a folder of class subfolders, a datasets save_to_disk folder, or hf:NAME",
     "train_split": "split whose activations are cached and trained on",
     "eval_split": "held-out split for evaluation",
@@ -88,6 +88,21 @@ def cmd_quickstart(args):
     print(f"wrote {args.run}/summary.json")
 
 
+MODEL_SOURCES = (
+    ("embedded", "the Fashion-MNIST CLIP shipped in this package (default; runs offline)"),
+    ("FOLDER", "a local Hugging Face CLIP folder (config.json, weights, tokenizer)"),
+    ("HUB_ID", "a Hugging Face hub id such as openai/clip-vit-base-patch16 (needs the hub or a filled cache)"),
+    ("FILE.pt|.pth|.bin|.safetensors", "a ViT checkpoint in OpenAI's original layout (also open_clip's "
+                                       "OpenAI-style ViTs); CLIP's vocab.json + merges.txt beside it give text"),
+)
+
+
+def cmd_models(args):
+    width = max(len(name) for name, _ in MODEL_SOURCES)
+    for name, what in MODEL_SOURCES:
+        print(f"{name:<{width}}  {what}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="patchsae",
@@ -102,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "original / SAE-spliced / zero-ablated"),
         ("quickstart", cmd_quickstart, "cache, train and evaluate in one go (defaults: embedded model on "
                                        "Fashion-MNIST); writes summary.json"),
+        ("models", cmd_models, "list the model sources that --model accepts"),
     ]
     for name, fn, help_ in specs:
         p = sub.add_parser(name, help=help_, description=help_)
@@ -110,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="extract activations at every step instead of reading the cache")
         if name == "evaluate":
             p.add_argument("--run", required=True, help="run directory with a trained SAE")
-        else:
+        elif name != "models":
             _add_run_options(p)
         p.set_defaults(fn=fn)
     return ap

@@ -1,7 +1,8 @@
 """Load a CLIP from any supported source into a `ClipModel`.
 
-Sources: `embedded` (the Fashion-MNIST CLIP shipped in this package), a local Hugging Face CLIP folder, or
-a hub id such as `openai/clip-vit-base-patch16` (needs the hub or a filled HF cache).
+Sources: `embedded` (the Fashion-MNIST CLIP shipped in this package), a local Hugging Face CLIP folder, a
+hub id such as `openai/clip-vit-base-patch16` (needs the hub or a filled HF cache), or a checkpoint file in
+OpenAI's original layout (.pt/.pth/.bin/.safetensors; see `openai_format`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from patchsae import PatchSAEError
 from patchsae.models.clip import CLIP_MEAN, CLIP_STD, ClipModel, Preprocess
+from patchsae.models.openai_format import CHECKPOINT_SUFFIXES, MissingTokenizer, load_openai_checkpoint
 from patchsae.models.templates import EMBEDDED_TEMPLATES, IMAGENET_TEMPLATES
 
 EMBEDDED_DIR = Path(__file__).parent / "embedded"
@@ -46,7 +48,14 @@ def _load_hf(source: str, local: bool, device: str):
     return model.to(device), tokenizer
 
 
-def load_model(source: str = "embedded", device: str = "cpu") -> ClipModel:
+def _load_openai(path: Path, device: str, tokenizer: str | None) -> ClipModel:
+    model, tok = load_openai_checkpoint(path, device, tokenizer)
+    pre = Preprocess(model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
+    return ClipModel(model, MissingTokenizer(path) if tok is None else tok, pre, str(path), IMAGENET_TEMPLATES)
+
+
+def load_model(source: str = "embedded", device: str = "cpu", tokenizer: str | None = None) -> ClipModel:
+    """`tokenizer`: a tokenizer folder for checkpoint files that have no vocab.json/merges.txt beside them."""
     if source == "embedded":
         if not (EMBEDDED_DIR / "model.safetensors").exists():
             raise PatchSAEError(f"embedded model missing at {EMBEDDED_DIR}; run scripts/train_embedded.py")
@@ -58,8 +67,10 @@ def load_model(source: str = "embedded", device: str = "cpu") -> ClipModel:
         model, tok = _load_hf(str(path), True, device)
         pre = _preprocess_from(path, model.config.vision_config.image_size)
         return ClipModel(model, tok, pre, str(path), IMAGENET_TEMPLATES)
+    if path.is_file() and path.suffix in CHECKPOINT_SUFFIXES:
+        return _load_openai(path, device, tokenizer)
     if path.suffix or source.startswith((".", "/")):
-        raise PatchSAEError(f"model {source!r}: no such folder")
+        raise PatchSAEError(f"model {source!r}: no such folder or checkpoint file")
     model, tok = _load_hf(source, False, device)
     pre = _preprocess_from(Path(model.name_or_path), model.config.vision_config.image_size)
     return ClipModel(model, tok, pre, source, IMAGENET_TEMPLATES)

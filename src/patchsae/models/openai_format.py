@@ -1,0 +1,233 @@
+"""OpenAI's original CLIP checkpoint layout (`visual.transformer.resblocks.N...`), converted to a Hugging Face
+`CLIPModel`.
+
+The layout carries no config: like OpenAI's own `build_model`, every size is read from tensor shapes. open_clip
+saves its OpenAI-style ViTs (`QuickGELU` models) in the same layout; its GELU-trained ViTs have the same shapes,
+and since the activation cannot be read from shapes, this loader (QuickGELU, as OpenAI) is right only for the
+QuickGELU ones. Only ViT towers are supported; the ResNet CLIPs (`visual.layer1...`) have no patch tokens to hook.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from patchsae import PatchSAEError
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+HEAD_WIDTH = 64  # OpenAI: heads = width // 64 in both towers
+IGNORED = ("input_resolution", "context_length", "vocab_size")  # scalars some files carry
+
+# sub-keys of one residual block: OpenAI name -> HF name (in_proj is split into q, k, v separately)
+_BLOCK = {
+    "ln_1.weight": "layer_norm1.weight", "ln_1.bias": "layer_norm1.bias",
+    "ln_2.weight": "layer_norm2.weight", "ln_2.bias": "layer_norm2.bias",
+    "attn.out_proj.weight": "self_attn.out_proj.weight", "attn.out_proj.bias": "self_attn.out_proj.bias",
+    "mlp.c_fc.weight": "mlp.fc1.weight", "mlp.c_fc.bias": "mlp.fc1.bias",
+    "mlp.c_proj.weight": "mlp.fc2.weight", "mlp.c_proj.bias": "mlp.fc2.bias",
+}
+_IN_PROJ = ("attn.in_proj_weight", "attn.in_proj_bias")
+_VISION = {
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+    "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+    "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+    "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+}
+_TEXT = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+    "logit_scale": "logit_scale",
+}
+_TRANSPOSED = {"visual.proj": "visual_projection.weight", "text_projection": "text_projection.weight"}
+_TOWERS = (("visual.transformer.resblocks.", "vision_model.encoder.layers."),
+           ("transformer.resblocks.", "text_model.encoder.layers."))
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+
+def _n_blocks(sd: dict, prefix: str) -> int:
+    """Blocks in a tower: highest index + 1, so that a gap shows up as missing keys rather than a short model."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    found = {int(m.group(1)) for k in sd if (m := pattern.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def _require(sd: dict, keys) -> None:
+    missing = [k for k in keys if k not in sd]
+    if missing:
+        raise PatchSAEError(f"not an OpenAI-layout CLIP state dict: missing {_few(missing)}")
+
+
+def _check_vit(sd: dict) -> None:
+    if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in sd):
+        raise PatchSAEError("this is a ResNet CLIP checkpoint; only ViT checkpoints are supported")
+
+
+def config_from_state_dict(sd: dict):
+    """A `CLIPConfig` derived from tensor shapes alone (works on meta or empty tensors)."""
+    from transformers import CLIPConfig
+
+    _check_vit(sd)
+    _require(sd, ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "text_projection",
+                  "positional_embedding", "token_embedding.weight", "ln_final.weight",
+                  "visual.transformer.resblocks.0.mlp.c_fc.weight", "transformer.resblocks.0.mlp.c_fc.weight"])
+    conv = sd["visual.conv1.weight"]
+    width, patch = conv.shape[0], conv.shape[-1]
+    n_pos = sd["visual.positional_embedding"].shape[0]
+    grid = round(math.sqrt(n_pos - 1))
+    if grid * grid + 1 != n_pos:
+        raise PatchSAEError(f"visual.positional_embedding has {n_pos} rows: not 1 + a square patch grid")
+    text_width = sd["ln_final.weight"].shape[0]
+    vocab = sd["token_embedding.weight"].shape[0]
+    act = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    return CLIPConfig(
+        vision_config=dict(
+            hidden_size=width, num_attention_heads=width // HEAD_WIDTH, patch_size=patch, image_size=patch * grid,
+            num_hidden_layers=_n_blocks(sd, "visual.transformer.resblocks."),
+            intermediate_size=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0], **act),
+        text_config=dict(
+            hidden_size=text_width, num_attention_heads=text_width // HEAD_WIDTH, vocab_size=vocab,
+            max_position_embeddings=sd["positional_embedding"].shape[0],
+            num_hidden_layers=_n_blocks(sd, "transformer.resblocks."),
+            intermediate_size=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+            # CLIP's BPE puts <|startoftext|>, <|endoftext|> last; padding uses <|endoftext|> too
+            bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1, **act),
+        projection_dim=sd["text_projection"].shape[1],
+    )
+
+
+def _block_keys(sd: dict) -> dict[str, str]:
+    """OpenAI block key -> HF key for every block both towers should have (in_proj: the attention module)."""
+    out = {}
+    for src, dst in _TOWERS:
+        for i in range(_n_blocks(sd, src)):
+            out.update({f"{src}{i}.{k}": f"{dst}{i}.{v}" for k, v in _BLOCK.items()})
+            out.update({f"{src}{i}.{k}": f"{dst}{i}.self_attn" for k in _IN_PROJ})
+    return out
+
+
+def convert_state_dict(sd: dict) -> dict[str, torch.Tensor]:
+    """Rename OpenAI keys to `CLIPModel` keys: split in_proj into q/k/v, transpose the two projections,
+    and cast to float32 (OpenAI ships fp16 weights)."""
+    _check_vit(sd)
+    names = {**_VISION, **_TEXT, **_TRANSPOSED, **_block_keys(sd)}
+    sd = {k: v for k, v in sd.items() if k not in IGNORED}
+    missing, unknown = set(names) - set(sd), set(sd) - set(names)
+    if missing or unknown:
+        parts = [f"{what} {_few(sorted(keys))}" for what, keys in (("missing", missing), ("unknown", unknown)) if keys]
+        raise PatchSAEError(f"not an OpenAI-layout ViT CLIP state dict: {'; '.join(parts)}")
+    out = {}
+    for key, value in sd.items():
+        value = value.float() if value.is_floating_point() else value
+        dst = names[key]
+        if key in _TRANSPOSED:
+            out[dst] = value.T.contiguous()
+        elif key.endswith(_IN_PROJ):
+            kind = "weight" if key.endswith("weight") else "bias"
+            for name, part in zip("qkv", value.chunk(3, dim=0)):
+                out[f"{dst}.{name}_proj.{kind}"] = part.contiguous()
+        else:
+            out[dst] = value
+    return out
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in zf.namelist())
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, never unpickling arbitrary objects; unwraps `state_dict`/`model` nesting
+    and a DataParallel `module.` prefix."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        elif _is_torchscript(path):
+            raise PatchSAEError(
+                f"{path} is a TorchScript archive (OpenAI's official .pt files are), which can run code when "
+                "loaded; convert it once where you trust it: sd = torch.jit.load(path, map_location='cpu')"
+                ".state_dict(), then safetensors.torch.save_file(sd, 'clip.safetensors'), and pass that file")
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except PatchSAEError:
+        raise
+    except Exception as exc:  # truncated or foreign files fail in many library-specific ways
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise PatchSAEError(f"cannot read checkpoint {path}: {reason}") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise PatchSAEError(f"{path}: expected a dict of tensors (a state dict)")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+class MissingTokenizer:
+    """Stands in for a tokenizer when none was found, so the image side works and text fails with one line."""
+
+    def __init__(self, checkpoint: Path):
+        self.checkpoint = checkpoint
+
+    def __call__(self, *args, **kwargs):
+        raise PatchSAEError(
+            f"{self.checkpoint} has no tokenizer, so text features are unavailable: put CLIP's vocab.json and "
+            "merges.txt next to it (any Hugging Face CLIP folder has them), or pass a tokenizer folder")
+
+
+def load_tokenizer(checkpoint: Path, vocab_size: int, folder: str | Path | None = None):
+    """CLIP's BPE tokenizer from `folder` (any HF tokenizer folder) or from vocab.json + merges.txt beside the
+    checkpoint; None when there is neither. Never downloads."""
+    if folder is not None:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise PatchSAEError(f"{folder}: not a loadable tokenizer folder ({str(exc).splitlines()[0]})") from None
+    else:
+        vocab, merges = checkpoint.parent / "vocab.json", checkpoint.parent / "merges.txt"
+        if not (vocab.is_file() and merges.is_file()):
+            return None
+        from transformers import CLIPTokenizer
+
+        tok = CLIPTokenizer(vocab=str(vocab), merges=str(merges), model_max_length=77)
+    if len(tok) > vocab_size:
+        raise PatchSAEError(f"the tokenizer has {len(tok)} tokens but {checkpoint} embeds only {vocab_size}")
+    return tok
+
+
+def load_openai_checkpoint(path: str | Path, device: str = "cpu", tokenizer: str | Path | None = None):
+    """(`CLIPModel`, tokenizer or None) from an OpenAI-layout checkpoint file; `tokenizer` is an optional
+    tokenizer folder, otherwise vocab.json + merges.txt beside the file are used when present."""
+    from transformers import CLIPModel
+
+    path = Path(path)
+    sd = read_state_dict(path)
+    cfg = config_from_state_dict(sd)
+    weights = convert_state_dict(sd)
+    tok = load_tokenizer(path, cfg.text_config.vocab_size, tokenizer)
+    if tok is not None:  # HF pools the text tower at the first end-of-text token
+        cfg.text_config.eos_token_id = cfg.text_config.pad_token_id = tok.eos_token_id
+        cfg.text_config.bos_token_id = tok.bos_token_id
+    model = CLIPModel(cfg)
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:  # shapes that disagree with the derived config
+        reason = str(exc).strip().splitlines()[-1].strip()[:300]
+        raise PatchSAEError(f"{path}: tensor shapes do not fit one CLIP ({reason})") from None
+    return model.to(device).eval(), tok
