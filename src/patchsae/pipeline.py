@@ -47,16 +47,17 @@ def stage_train(run: Run, progress: bool = True, on_the_fly: bool = False):
 
         ds = FirstN(open_dataset(cfg.dataset, cfg.train_split), cfg.max_train_images)
         source = StreamedTokens(model, ds, cfg.layer, cfg.tokens, seed=cfg.seed)
-        d_model = model.d_model
+        d_model, layer = model.d_model, model.resolve_layer(cfg.layer)
     else:
         cache = ActivationCache(run.cache_dir(cfg.train_split))
         source = CachedTokens(cache, cfg.tokens, seed=cfg.seed)
-        d_model = cache.d_model
+        d_model, layer = cache.d_model, cache.manifest["layer"]
     sae_cfg = SAEConfig(d_model=d_model, d_sae=cfg.expansion * d_model, arch=cfg.arch, k=cfg.k,
                         l1_coeff=cfg.l1_coeff)
     train_cfg = TrainConfig(total_tokens=int(cfg.epochs * source.n_tokens), batch_tokens=cfg.batch_tokens,
                             lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed, device=cfg.device)
-    return train_sae(sae_cfg, train_cfg, source, run.sae_dir, progress=progress)
+    return train_sae(sae_cfg, train_cfg, source, run.sae_dir, progress=progress,
+                     provenance={"model": cfg.model, "layer": layer, "tokens": cfg.tokens})
 
 
 def stage_evaluate(run: Run, model=None, progress: bool = True) -> dict:

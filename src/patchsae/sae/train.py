@@ -52,9 +52,10 @@ def _lr_factor(step: int, warmup: int) -> float:
 
 
 def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, source: TokenSource, out_dir: str | Path,
-              progress: bool = True) -> SAE:
+              progress: bool = True, provenance: dict | None = None) -> SAE:
     """Train (or resume) an SAE into `out_dir`; returns it. Writes model.safetensors, config.json,
-    checkpoint.safetensors and train_log.csv there."""
+    checkpoint.safetensors and train_log.csv there. `provenance` (e.g. model and layer the activations came
+    from) is stored in config.json so later stages can refuse a mismatched model."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
@@ -111,7 +112,7 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, source: TokenSource, out_dir
             save_training_state(ckpt, sae, opt, since_fired_S, step, info)
             _write_log(out_dir / "train_log.csv", log_rows)
     bar.close()
-    save_sae(out_dir, sae, {"train": asdict(cfg), "tokens_trained": step * cfg.batch_tokens})
+    save_sae(out_dir, sae, {**(provenance or {}), "train": asdict(cfg), "tokens_trained": step * cfg.batch_tokens})
     return sae
 
 
