@@ -88,6 +88,42 @@ def cmd_quickstart(args):
     print(f"wrote {args.run}/summary.json")
 
 
+def cmd_analyze(args):
+    from patchsae.analysis.analyze import AnalyzeOptions, format_report, patch_map_report, stage_analyze
+
+    run = Run(args.run)
+    if args.image is not None:
+        for line in patch_map_report(run, args.image, args.latent, tuple(args.patch) if args.patch else None,
+                                     args.dataset, args.split):
+            print(line)
+        return
+    if args.latent is not None or args.patch is not None:
+        raise PatchSAEError("--latent and --patch need --image")
+    opts = AnalyzeOptions(dataset=args.dataset, split=args.split, max_images=args.max_images, k=args.top_k,
+                          tau=args.tau, groups=tuple(args.group or ()), phrases=args.phrases,
+                          batch_size=args.batch_size, steer=args.steer)
+    report = stage_analyze(run, opts)
+    print(format_report(report))
+    print(f"wrote {run.path / 'analysis'} and {run.figures_dir}")
+
+
+def _add_analyze_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory with a trained SAE")
+    p.add_argument("--dataset", help="dataset to analyse (default: the run's own); any --dataset spec")
+    p.add_argument("--split", help="split to analyse (default: the run's eval split)")
+    p.add_argument("--max-images", type=int, help="analyse only the first N images")
+    p.add_argument("--top-k", type=int, default=10, help="reference images kept per latent (default 10)")
+    p.add_argument("--tau", type=float, default=0.2, help="token activation threshold for class counts (0.2)")
+    p.add_argument("--group", nargs="+", metavar="CLASS", help="classes whose counts are summed (group level)")
+    p.add_argument("--phrases", help="text file of extra candidate concept names, one per line")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--steer", action="store_true", help="also name latents by steering at the hooked block and "
+                   "report that method's agreement (k extra forward passes per latent)")
+    p.add_argument("--image", help="patch-map mode: a dataset index or an image file")
+    p.add_argument("--latent", type=int, help="latent whose patch map is drawn (default: the top one)")
+    p.add_argument("--patch", type=int, nargs=2, metavar=("ROW", "COL"), help="also rank latents of this patch")
+
+
 MODEL_SOURCES = (
     ("embedded", "the Fashion-MNIST CLIP shipped in this package (default; runs offline)"),
     ("FOLDER", "a local Hugging Face CLIP folder (config.json, weights, tokenizer)"),
@@ -118,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("quickstart", cmd_quickstart, "cache, train and evaluate in one go (defaults: embedded model on "
                                        "Fashion-MNIST); writes summary.json"),
         ("models", cmd_models, "list the model sources that --model accepts"),
+        ("analyze", cmd_analyze, "per-latent statistics, reference images, class counts, concept names and "
+                                 "figures (DIR/analysis, DIR/figures); with --image: patch maps of one image"),
     ]
     for name, fn, help_ in specs:
         p = sub.add_parser(name, help=help_, description=help_)
@@ -126,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="extract activations at every step instead of reading the cache")
         if name == "evaluate":
             p.add_argument("--run", required=True, help="run directory with a trained SAE")
+        elif name == "analyze":
+            _add_analyze_options(p)
         elif name != "models":
             _add_run_options(p)
         p.set_defaults(fn=fn)

@@ -1,0 +1,254 @@
+"""The `analyze` stage: latent statistics, label entropy, class/dataset/group counts, concept names and
+figures for a run's SAE, written to DIR/analysis/ and DIR/figures/.
+
+  DIR/analysis/stats.safetensors  every per-latent tensor (see `LatentStats` plus entropy_S, majority_S,
+                                  dataset_counts_S, name_index_SN / name_score_SN, group_counts_S)
+  DIR/analysis/latents.csv        one row per latent
+  DIR/analysis/manifest.json      written last: dataset, split, images, skipped, SAE, model, layer, tau, k,
+                                  class names, naming vocabulary and agreement
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from patchsae import PatchSAEError
+from patchsae.analysis import concepts, figures, latents, patch_maps
+from patchsae.data.base import SkipLog
+from patchsae.run import Run
+from patchsae.utils import atomic_path, read_json, write_json
+
+LOW_ENTROPY = 0.5  # nats; below it a latent's reference images are (nearly) one class
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    dataset: str | None = None  # default: the run's dataset
+    split: str | None = None  # default: the run's eval split
+    max_images: int | None = None
+    k: int = 10
+    tau: float = 0.2
+    groups: tuple[str, ...] = ()
+    phrases: str | None = None
+    n_grid: int = 12
+    batch_size: int = 64
+    steer: bool = False  # also name latents by steering at the hooked block, for comparison (k passes/latent)
+
+
+def open_run(run: Run):
+    """(cfg, model, sae, sae_meta), refusing an SAE that was not trained on this model's hooked block."""
+    from patchsae.models.load import load_model
+    from patchsae.sae.checkpoint import load_sae
+
+    cfg = run.load_config()
+    model = load_model(cfg.model, cfg.device)
+    layer = model.resolve_layer(cfg.layer)
+    sae, meta = load_sae(run.sae_dir, d_model=model.d_model)
+    recorded = [("the SAE's config", meta)]
+    cache_manifest = run.cache_dir(cfg.train_split) / "manifest.json"
+    if cache_manifest.exists():
+        recorded.append((f"its training cache {cache_manifest}", read_json(cache_manifest)))
+    for where, info in recorded:
+        if "layer" in info and info["layer"] != layer:
+            raise PatchSAEError(f"the SAE in {run.sae_dir} was trained on block {info['layer']} ({where}), "
+                                f"but the run's config hooks block {layer} of {model.name}")
+        if "model" in info and info["model"] != model.name:
+            raise PatchSAEError(f"the SAE in {run.sae_dir} was trained on {info['model']} ({where}), "
+                                f"but the run's config names {model.name}")
+    return cfg, model, sae, meta
+
+
+def _csv_text(stats, entropy_S, majority_S, names, name_index_SN, name_score_SN, class_names) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    top = name_index_SN.shape[1]
+    w.writerow(["latent", "frequency", "mean_activation", "fired_images", "label_entropy", "majority_label",
+                "dataset_count", "top_images", "top_values",
+                *[c for n in range(1, top + 1) for c in (f"name{n}", f"score{n}")]])
+    counts_S = latents.dataset_counts(stats.class_counts_CS)
+    for l in range(stats.d_sae):
+        refs = stats.top_index_SK[l]
+        keep = refs >= 0
+        maj = int(majority_S[l])
+        w.writerow([l, f"{float(stats.frequency_S[l]):.6g}", f"{float(stats.mean_act_S[l]):.6g}",
+                    int(stats.fired_S[l]), f"{float(entropy_S[l]):.4f}", class_names[maj] if maj >= 0 else "",
+                    int(counts_S[l]), " ".join(map(str, refs[keep].tolist())),
+                    " ".join(f"{v:.4g}" for v in stats.top_value_SK[l][keep].tolist()),
+                    *[c for n in range(top) for c in
+                      ((names[int(name_index_SN[l, n])], f"{float(name_score_SN[l, n]):.4f}")
+                       if name_index_SN[l, n] >= 0 else ("", ""))]])
+    return buf.getvalue()
+
+
+def _reference_rows(model, sae, ds, layer, stats, entropy_S, ids, names_S) -> list[dict]:
+    """Rows for the reference-image figure: each reference with the latent's patch map overlaid."""
+    layout = model.layout()
+    wanted = sorted({int(i) for l in ids for i in stats.top_index_SK[l] if i >= 0})
+    pixels = patch_maps.load_pixels(model, ds, wanted)
+    f_by_image = {i: patch_maps.image_activations(model, sae, p, layer) for i, p in pixels.items()}
+    rows = []
+    for l in ids:
+        panels = []
+        for i, v, y in zip(*(t[l].tolist() for t in (stats.top_index_SK, stats.top_value_SK, stats.top_label_SK))):
+            if i < 0 or i not in pixels:
+                continue
+            img = patch_maps.display_image(pixels[i], model)
+            heat = patch_maps.upsample(patch_maps.patch_grid(f_by_image[i], layout, l), img.shape[:2])
+            panels.append((patch_maps.heatmap_overlay(img, heat), f"{ds.class_names[y]} {v:.2f}"))
+        title = f"#{l} {names_S[l]}\nH={float(entropy_S[l]):.2f} f={float(stats.frequency_S[l]):.3f}"
+        rows.append({"title": title, "panels": panels})
+    return rows
+
+
+def stage_analyze(run: Run, opts: AnalyzeOptions = AnalyzeOptions(), progress: bool = True) -> dict:
+    from patchsae.data import open_dataset
+
+    t0 = time.time()
+    cfg, model, sae, _ = open_run(run)
+    layer = model.resolve_layer(cfg.layer)
+    ds = open_dataset(opts.dataset or cfg.dataset, opts.split or cfg.eval_split)
+    group_ids = latents.resolve_classes(list(opts.groups), ds.class_names)
+    phrases = concepts.read_phrases(opts.phrases) if opts.phrases else []
+    skips = SkipLog()
+    stats = latents.collect_stats(model, sae, ds, layer, opts.batch_size, opts.max_images, opts.k, opts.tau,
+                                  skips, progress)
+    if stats.n_images == 0:
+        raise PatchSAEError(f"no readable images in {ds.name}/{ds.split} ({skips.count} skipped)")
+    t_stats = time.time() - t0
+    entropy_S, majority_S = latents.label_entropy(stats.top_value_SK, stats.top_label_SK, len(ds.class_names))
+
+    names, vocab_VE = concepts.vocabulary(model, ds.class_names, phrases)
+    name_index_SN, name_score_SN = concepts.name_latents(concepts.mean_reference_embeddings(model, ds, stats),
+                                                         vocab_VE)
+    if opts.steer:
+        steer_SE, _ = concepts.concept_directions(model, sae, ds, layer, stats)
+        steer_index_SN, _ = concepts.name_latents(steer_SE, vocab_VE, 1)
+    low_S = (stats.fired_S > 0) & (entropy_S < LOW_ENTROPY)
+    agreement, n_low = concepts.name_agreement(name_index_SN[:, 0], majority_S, low_S, names, ds.class_names)
+    agreement_steer = (concepts.name_agreement(steer_index_SN[:, 0], majority_S, low_S, names, ds.class_names)[0]
+                       if opts.steer else None)
+    t_names = time.time() - t0 - t_stats
+
+    out = run.path / "analysis"
+    tensors = {**stats.tensors(), "entropy_S": entropy_S, "majority_S": majority_S,
+               "dataset_counts_S": latents.dataset_counts(stats.class_counts_CS),
+               "name_index_SN": name_index_SN, "name_score_SN": name_score_SN}
+    if opts.steer:
+        tensors["steer_name_index_S"] = steer_index_SN[:, 0]
+    if group_ids:
+        tensors["group_counts_S"] = latents.group_counts(stats.class_counts_CS, group_ids)
+    from safetensors.torch import save_file
+
+    with atomic_path(out / "stats.safetensors") as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    with atomic_path(out / "latents.csv") as tmp:
+        tmp.write_text(_csv_text(stats, entropy_S, majority_S, names, name_index_SN, name_score_SN,
+                                 ds.class_names))
+
+    names_S = [names[int(i)] if i >= 0 else "" for i in name_index_SN[:, 0]]
+    by_freq = torch.argsort(stats.frequency_S, descending=True, stable=True)
+    low_by_freq = [int(l) for l in by_freq if low_S[l]]
+    grid_ids = (low_by_freq or [int(l) for l in by_freq if stats.fired_S[l] > 0])[: opts.n_grid]
+    title = f"{model.name} block {layer}, {ds.name}/{ds.split}, {stats.n_images} images"
+    fig_dir = run.figures_dir
+    figures.scatter_figure(fig_dir / "latent_scatter.png", stats.frequency_S, stats.mean_act_S, entropy_S, title)
+    figures.reference_grid_figure(fig_dir / "reference_images.png",
+                                  _reference_rows(model, sae, ds, layer, stats, entropy_S, grid_ids, names_S))
+    figures.class_bars_figure(fig_dir / "class_top_latents.png", stats.class_counts_CS, ds.class_names, names_S)
+
+    groups = None
+    if group_ids:
+        vals, ids = tensors["group_counts_S"].topk(min(5, stats.d_sae))
+        groups = {"classes": [ds.class_names[c] for c in group_ids],
+                  "top_latents": [[int(i), int(v)] for i, v in zip(ids, vals)]}
+    manifest = {
+        "format": "patchsae-analysis/1", "dataset": ds.name, "split": ds.split, "n_images": stats.n_images,
+        "max_images": opts.max_images, "n_skipped": skips.count, "skipped": [list(s) for s in skips.skipped[:20]],
+        "sae": str(run.sae_dir.resolve()), "model": model.name, "layer": layer, "d_sae": stats.d_sae,
+        "tau": opts.tau, "k": opts.k, "class_names": list(ds.class_names), "entropy_unit": "nats",
+        "low_entropy_threshold": LOW_ENTROPY, "n_low_entropy": n_low,
+        "naming": {"method": "mean normalised embedding of the top reference images, cosine to the vocabulary",
+                   "vocabulary": names, "phrases_file": opts.phrases, "agreement": agreement,
+                   "agreement_steer": agreement_steer},
+        "groups": groups, "options": asdict(opts),
+        "seconds": {"stats": round(t_stats, 1), "names": round(t_names, 1), "total": round(time.time() - t0, 1)},
+    }
+    write_json(out / "manifest.json", manifest)
+    table = [{"latent": l, "name": names_S[l], "frequency": float(stats.frequency_S[l]),
+              "mean_activation": float(stats.mean_act_S[l]), "entropy": float(entropy_S[l]),
+              "majority": ds.class_names[int(majority_S[l])]} for l in low_by_freq[:20]]
+    return {**manifest, "table": table}
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'latent':>6}  {'name':<18} {'freq':>7} {'mean act':>9} {'entropy':>7}  majority label"]
+    for r in report["table"]:
+        lines.append(f"{r['latent']:>6}  {r['name'][:18]:<18} {r['frequency']:>7.4f} {r['mean_activation']:>9.4f} "
+                     f"{r['entropy']:>7.3f}  {r['majority']}")
+    agree = report["naming"]["agreement"]
+    agree_steer = report["naming"]["agreement_steer"]
+    fmt = lambda a: "n/a" if a is None else f"{a:.1%}"  # noqa: E731
+    steer_note = f" (steering at the hooked block instead: {fmt(agree_steer)})" if agree_steer is not None else ""
+    lines += [
+        f"{report['n_images']} images of {report['dataset']}/{report['split']} ({report['n_skipped']} skipped), "
+        f"{report['d_sae']} latents, block {report['layer']}",
+        f"latents with label entropy < {report['low_entropy_threshold']} nats: {report['n_low_entropy']}",
+        f"name agreement (top name = majority label of the references): {fmt(agree)}{steer_note}",
+    ]
+    if report["groups"]:
+        g = report["groups"]
+        lines.append(f"group {'+'.join(g['classes'])}: top latents "
+                     + ", ".join(f"{i} ({v})" for i, v in g["top_latents"]))
+    lines.append(f"seconds: {report['seconds']}")
+    return "\n".join(lines)
+
+
+def _saved_names(run: Run, d_sae: int) -> list[str] | None:
+    """Concept names from a previous `analyze`, if any match this SAE."""
+    from safetensors.torch import load_file
+
+    try:
+        manifest = read_json(run.path / "analysis" / "manifest.json")
+        idx_SN = load_file(str(run.path / "analysis" / "stats.safetensors"))["name_index_SN"]
+    except (OSError, ValueError, KeyError):
+        return None
+    vocab = manifest["naming"]["vocabulary"]
+    return [vocab[int(i)] if i >= 0 else "" for i in idx_SN[:, 0]] if len(idx_SN) == d_sae else None
+
+
+def patch_map_report(run: Run, image: str, latent: int | None = None, patch: tuple[int, int] | None = None,
+                     dataset: str | None = None, split: str | None = None, n: int = 5) -> list[str]:
+    """Top latents of one image (and of one patch); writes the patch map of `latent` (default: the top one)
+    as DIR/figures/patch_map_<image>_<latent>.png. Returns the lines to print."""
+    from patchsae.data import open_dataset
+
+    cfg, model, sae, _ = open_run(run)
+    layer = model.resolve_layer(cfg.layer)
+    ds = open_dataset(dataset or cfg.dataset, split or cfg.eval_split) if image.isdigit() else None
+    pixels, label, desc = patch_maps.load_image(image, ds, model)
+    f_TS = patch_maps.image_activations(model, sae, pixels, layer)
+    names = _saved_names(run, sae.cfg.d_sae) or [""] * sae.cfg.d_sae
+    layout = model.layout()
+    shown = f"{desc}" + (f" (label {ds.class_names[label]})" if ds is not None and label is not None else "")
+    ids, vals = patch_maps.top_latents_of_image(f_TS, n)
+    lines = [f"top latents of {shown} (image-level activation):"]
+    lines += [f"  {i:>6}  {v:8.4f}  {names[i]}" for i, v in zip(ids, vals)]
+    if patch is not None:
+        p_ids, p_vals = patch_maps.top_latents_of_patch(f_TS, layout, *patch, n)
+        lines.append(f"top latents of patch {tuple(patch)}:")
+        lines += [f"  {i:>6}  {v:8.4f}  {names[i]}" for i, v in zip(p_ids, p_vals)]
+        ids = p_ids
+    latent = ids[0] if latent is None else latent
+    grid = patch_maps.patch_grid(f_TS, layout, latent)
+    stem = Path(image).stem if not image.isdigit() else image
+    path = run.figures_dir / f"patch_map_{stem}_{latent}.png"
+    patch_maps.write_patch_map_figure(path, patch_maps.display_image(pixels, model), grid,
+                                      f"latent {latent} {names[latent]} on {shown}")
+    lines.append(f"wrote {path}")
+    return lines

@@ -1,0 +1,88 @@
+"""Figures of the latent statistics (matplotlib Agg, PNG, written atomically)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from patchsae.utils import atomic_path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path, dpi: int = 110) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    _plt().close(fig)
+
+
+def scatter_figure(path: str | Path, frequency_S: torch.Tensor, mean_act_S: torch.Tensor, entropy_S: torch.Tensor,
+                   title: str) -> None:
+    """log10 frequency vs log10 mean activation of the latents that fired, coloured by label entropy: rare and
+    weak latents sit bottom left, frequent strong ones top right."""
+    plt = _plt()
+    alive = frequency_S > 0
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    if alive.any():
+        sc = ax.scatter(torch.log10(frequency_S[alive]).numpy(), torch.log10(mean_act_S[alive]).numpy(),
+                        c=entropy_S[alive].numpy(), cmap="viridis", s=6, alpha=0.7, linewidths=0)
+        fig.colorbar(sc, ax=ax, label="label entropy of top images (nats)")
+    ax.set_xlabel("log10 activated frequency (fraction of images)")
+    ax.set_ylabel("log10 mean activation")
+    ax.set_title(f"{title}\n{int(alive.sum())} of {len(frequency_S)} latents fired", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def reference_grid_figure(path: str | Path, rows: Sequence[dict]) -> None:
+    """One row per latent: its reference images with the latent's patch map overlaid. Each row dict has
+    `title` and `panels`, a list of (image_HW3 with overlay, caption)."""
+    plt = _plt()
+    n_cols = max((len(r["panels"]) for r in rows), default=1)
+    fig, axes = plt.subplots(max(len(rows), 1), n_cols, figsize=(1.3 * n_cols, 1.55 * max(len(rows), 1)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, row in enumerate(rows):
+        for c, (img, caption) in enumerate(row["panels"]):
+            axes[r, c].imshow(img)
+            axes[r, c].set_title(caption, fontsize=5.5)
+        axes[r, 0].text(-0.1, 0.5, row["title"], transform=axes[r, 0].transAxes, ha="right", va="center",
+                        fontsize=6.5)
+    fig.tight_layout()
+    fig.subplots_adjust(left=0.22)
+    _save(fig, path, dpi=100)
+
+
+def class_bars_figure(path: str | Path, class_counts_CS: torch.Tensor, class_names: Sequence[str],
+                      names: Sequence[str] | None = None, top: int = 5, max_classes: int = 30) -> None:
+    """A small panel per class: its `top` latents by class-level count (first `max_classes` classes)."""
+    plt = _plt()
+    C = min(len(class_names), max_classes)
+    cols = min(5, C)
+    n_rows = -(-C // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(2.6 * cols, 1.9 * n_rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for c in range(C):
+        ax = axes[c // cols, c % cols]
+        ax.axis("on")
+        vals, ids = class_counts_CS[c].float().topk(min(top, class_counts_CS.shape[1]))
+        labels = [f"{i}" + (f" {names[i][:12]}" if names and names[i] else "") for i in ids.tolist()]
+        ax.barh(np.arange(len(ids))[::-1], vals.numpy(), color="#3b6ea5")
+        ax.set_yticks(np.arange(len(ids))[::-1], labels, fontsize=6)
+        ax.tick_params(axis="x", labelsize=6)
+        ax.set_title(class_names[c], fontsize=8)
+    fig.suptitle("top latents per class (tokens above tau, summed over the class's images)", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
