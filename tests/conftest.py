@@ -39,6 +39,16 @@ def make_clip(folder: Path, *, width=32, layers=3, heads=2, image_size=28, patch
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices run many times faster on one thread than on two when the machine is busy; modules
+    opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     return make_clip(tmp_path_factory.mktemp("tiny_clip"))

@@ -22,13 +22,7 @@ from patchsae.sae.checkpoint import save_sae
 from patchsae.sae.model import SAE, SAEConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """A tiny model on a busy 2-core machine: one thread is faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_sae(d_model=32, d_sae=64, n_dead=5, seed=0) -> SAE:

@@ -19,13 +19,7 @@ from patchsae.models.load import load_model
 N_IMAGES, SHARD, BATCH = 300, 128, 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls run far faster on one thread than on two when the machine is busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 CDIST = "donot_use_mm_for_euclid_dist"  # exact distances: the mm path has errors of ~1e-3
 
 

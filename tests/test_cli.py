@@ -20,13 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--max-train-images", "300", "--max-eval-images", "200", "--expansion", "4", "--warmup-steps", "5"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """A tiny model on a busy 2-core machine: one thread is faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _patchsae(*args, timeout=120):

@@ -17,13 +17,7 @@ from patchsae.models.clip import Preprocess
 PRE = Preprocess(8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls run far faster on one thread than on two when the machine is busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _img(seed: int, size=(8, 8)) -> np.ndarray:

@@ -17,13 +17,7 @@ from patchsae.models.templates import IMAGENET_TEMPLATES
 from patchsae.models.tokenizer import build_byte_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls run far faster on one thread than on two when the machine is busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- ViT-B/16 configuration, random weights ------------------------------------------------------------------

@@ -21,13 +21,7 @@ from patchsae.models.openai_format import config_from_state_dict, convert_state_
 from patchsae.models.templates import IMAGENET_TEMPLATES
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A busy 2-core machine: one thread is faster than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- an OpenAI-layout state dict, and the published forward pass written out by hand -------------------------

@@ -18,13 +18,7 @@ from patchsae.sae.model import SAE, SAEConfig
 from patchsae.sae.train import TrainConfig, train_sae
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is many times faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class MemTokens:
