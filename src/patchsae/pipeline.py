@@ -26,7 +26,7 @@ def stage_cache(run: Run, model=None, progress: bool = True) -> dict:
 
     cfg = run.load_config()
     model = model or _model(cfg)
-    ds = open_dataset(cfg.dataset, cfg.train_split)
+    ds = open_dataset(cfg.dataset, cfg.train_split, path=cfg.dataset_path)
     return build_cache(model, ds, cfg.layer, run.cache_dir(cfg.train_split), batch_size=cfg.batch_images,
                        max_images=cfg.max_train_images, progress=progress)
 
@@ -45,7 +45,7 @@ def stage_train(run: Run, progress: bool = True, on_the_fly: bool = False):
         model = _model(cfg)
         from patchsae.data.base import FirstN
 
-        ds = FirstN(open_dataset(cfg.dataset, cfg.train_split), cfg.max_train_images)
+        ds = FirstN(open_dataset(cfg.dataset, cfg.train_split, path=cfg.dataset_path), cfg.max_train_images)
         source = StreamedTokens(model, ds, cfg.layer, cfg.tokens, seed=cfg.seed)
         d_model, layer = model.d_model, model.resolve_layer(cfg.layer)
     else:
@@ -68,7 +68,7 @@ def stage_evaluate(run: Run, model=None, progress: bool = True) -> dict:
     cfg = run.load_config()
     model = model or _model(cfg)
     sae, meta = load_sae(run.sae_dir, d_model=model.d_model)
-    ds = open_dataset(cfg.dataset, cfg.eval_split)
+    ds = open_dataset(cfg.dataset, cfg.eval_split, path=cfg.dataset_path)
     metrics, freq_S = evaluate(model, sae, ds, cfg.layer, cfg.batch_images, cfg.max_eval_images, progress)
     metrics["tokens_trained"] = meta.get("tokens_trained")
     write_json(run.path / "eval" / "metrics.json", metrics)

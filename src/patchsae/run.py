@@ -19,6 +19,7 @@ from patchsae.utils import read_json, write_json
 class RunConfig:
     model: str = "embedded"
     dataset: str = "fashion-mnist"
+    dataset_path: str | None = None  # local copy of a registry dataset (save_to_disk or image folder)
     train_split: str = "train"
     eval_split: str = "test"
     layer: int = -2

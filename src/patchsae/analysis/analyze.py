@@ -112,7 +112,8 @@ def stage_analyze(run: Run, opts: AnalyzeOptions = AnalyzeOptions(), progress: b
     t0 = time.time()
     cfg, model, sae, _ = open_run(run)
     layer = model.resolve_layer(cfg.layer)
-    ds = open_dataset(opts.dataset or cfg.dataset, opts.split or cfg.eval_split)
+    ds = open_dataset(opts.dataset or cfg.dataset, opts.split or cfg.eval_split,
+                      path=None if opts.dataset else cfg.dataset_path)
     group_ids = latents.resolve_classes(list(opts.groups), ds.class_names)
     phrases = concepts.read_phrases(opts.phrases) if opts.phrases else []
     skips = SkipLog()
@@ -230,7 +231,8 @@ def patch_map_report(run: Run, image: str, latent: int | None = None, patch: tup
 
     cfg, model, sae, _ = open_run(run)
     layer = model.resolve_layer(cfg.layer)
-    ds = open_dataset(dataset or cfg.dataset, split or cfg.eval_split) if image.isdigit() else None
+    ds = (open_dataset(dataset or cfg.dataset, split or cfg.eval_split, path=None if dataset else cfg.dataset_path)
+          if image.isdigit() else None)
     pixels, label, desc = patch_maps.load_image(image, ds, model)
     f_TS = patch_maps.image_activations(model, sae, pixels, layer)
     names = _saved_names(run, sae.cfg.d_sae) or [""] * sae.cfg.d_sae

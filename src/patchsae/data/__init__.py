@@ -10,8 +10,19 @@ from patchsae.data.base import LabelledImages, SkipLog, iter_batches
 __all__ = ["LabelledImages", "SkipLog", "iter_batches", "open_dataset"]
 
 
-def open_dataset(spec: str, split: str, **hf_kwargs) -> LabelledImages:
-    """`fashion-mnist` (embedded), a folder of class subfolders, a `save_to_disk` folder, or `hf:NAME`."""
+def open_dataset(spec: str, split: str, path: str | None = None, **hf_kwargs) -> LabelledImages:
+    """`fashion-mnist` (embedded), a registry name (`patchsae datasets`), a folder of class subfolders, a
+    `save_to_disk` folder, or `hf:NAME`. `path` (--dataset-path) is a local copy of the named dataset: a registry
+    entry keeps its class names; any other spec is simply replaced by the folder."""
+    from patchsae.data.registry import lookup, open_registered
+
+    info = lookup(spec)
+    if info is not None:
+        return open_registered(info, split, path, **hf_kwargs)
+    if path is not None:
+        if not Path(path).is_dir():
+            raise PatchSAEError(f"--dataset-path {path}: no such folder")
+        return open_dataset(str(path), split, **hf_kwargs)
     if spec in ("fashion-mnist", "embedded"):
         from patchsae.data.fashion_mnist import FashionMNIST
 
@@ -31,6 +42,6 @@ def open_dataset(spec: str, split: str, **hf_kwargs) -> LabelledImages:
         split_dir = path / split
         return ImageFolder(split_dir if split_dir.is_dir() else path, split)
     raise PatchSAEError(
-        f"unknown dataset {spec!r}: use 'fashion-mnist', a folder of class subfolders, "
-        "a datasets save_to_disk folder, or hf:NAME"
+        f"unknown dataset {spec!r}: use 'fashion-mnist', a name from `patchsae datasets`, a folder of class "
+        "subfolders, a datasets save_to_disk folder, or hf:NAME"
     )

@@ -7,6 +7,10 @@ from pathlib import Path
 from patchsae import PatchSAEError
 
 
+class HubUnreachable(PatchSAEError):
+    """The hub could not be reached (offline, no network); the registry turns it into a pointer to a local copy."""
+
+
 def _pick_column(features, wanted: str | None, kind: str) -> str:
     from datasets import ClassLabel, Image as HFImage
 
@@ -39,7 +43,7 @@ class HFImages:
         except FileNotFoundError as exc:
             raise PatchSAEError(f"{source}: not a dataset saved with save_to_disk ({exc})") from None
         except (ConnectionError, OSError) as exc:
-            raise PatchSAEError(
+            raise HubUnreachable(
                 f"cannot load dataset {source!r} from the Hugging Face hub ({type(exc).__name__}); "
                 "download it elsewhere and pass the local save_to_disk folder instead"
             ) from None
