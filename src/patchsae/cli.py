@@ -12,7 +12,10 @@ from patchsae.run import EMBEDDED_DEFAULTS, Run, RunConfig
 _HELP = {
     "model": "CLIP to open: 'embedded' (default), a local Hugging Face CLIP folder, a hub id such as "
              "openai/clip-vit-base-patch16, or an OpenAI-layout .pt/.safetensors file (see `patchsae models`)",
-    "dataset": "'fashion-mnist', a folder of class subfolders, a datasets save_to_disk folder, or hf:NAME",
+    "dataset": "'fashion-mnist', a name from `patchsae datasets` (e.g. eurosat), a folder of class subfolders, "
+               "a datasets save_to_disk folder, or hf:NAME",
+    "dataset_path": "local copy of a `patchsae datasets` entry (a save_to_disk folder or an image folder); "
+                    "used instead of the Hugging Face hub",
     "train_split": "split whose activations are cached and trained on",
     "eval_split": "held-out split for evaluation",
     "layer": "block whose output (residual stream) is hooked; negative counts from the end (-2 = paper)",
@@ -52,11 +55,33 @@ def _base(args) -> RunConfig:
     return RunConfig(**EMBEDDED_DEFAULTS) if model == "embedded" else RunConfig()
 
 
+def _start(args) -> RunConfig:
+    """The config a new run starts from: a named preset, or the defaults for the chosen model."""
+    if getattr(args, "preset", None):
+        from patchsae.preset import preset_config
+
+        return preset_config(args.preset)
+    return _base(args)
+
+
+def _dry_run(args) -> None:
+    """Print the resolved config and its budget; writes nothing, loads no model and touches no network."""
+    from dataclasses import replace
+
+    from patchsae.preset import budget, format_dry_run
+
+    run = Run(args.run)
+    cfg = run.load_config() if run.has_results() else replace(_start(args), **_overrides(args))
+    print(format_dry_run(cfg, budget(cfg)))
+
+
 def cmd_cache(args):
     from patchsae.pipeline import stage_cache
 
+    if args.dry_run:
+        return _dry_run(args)
     run = Run(args.run)
-    run.init(_base(args), _overrides(args))
+    run.init(_start(args), _overrides(args))
     m = stage_cache(run)
     print(f"cached {m['n_images']} images x {m['n_tokens_per_image']} tokens x {m['d_model']} "
           f"(block {m['layer']}) in {run.cache_dir(m['split'])}")
@@ -65,8 +90,10 @@ def cmd_cache(args):
 def cmd_train(args):
     from patchsae.pipeline import stage_train
 
+    if args.dry_run:
+        return _dry_run(args)
     run = Run(args.run)
-    run.init(_base(args), _overrides(args))
+    run.init(_start(args), _overrides(args))
     sae = stage_train(run, on_the_fly=args.on_the_fly)
     print(f"trained SAE {sae.cfg.d_model} -> {sae.cfg.d_sae} ({sae.cfg.arch}) in {run.sae_dir}")
 
@@ -83,7 +110,9 @@ def cmd_evaluate(args):
 def cmd_quickstart(args):
     from patchsae.pipeline import format_summary, quickstart
 
-    summary = quickstart(Run(args.run), _base(args), _overrides(args))
+    if args.dry_run:
+        return _dry_run(args)
+    summary = quickstart(Run(args.run), _start(args), _overrides(args))
     print(format_summary(summary))
     print(f"wrote {args.run}/summary.json")
 
@@ -139,6 +168,36 @@ def cmd_models(args):
         print(f"{name:<{width}}  {what}")
 
 
+def cmd_datasets(args):
+    from patchsae.data.registry import format_table
+
+    print(format_table())
+
+
+def cmd_classify(args):
+    from patchsae.analysis.masking import ClassifyOptions, format_report, stage_classify
+
+    opts = ClassifyOptions(dataset=args.dataset, rank_split=args.rank_split, eval_split=args.eval_split,
+                           max_rank_images=args.max_rank_images, max_eval_images=args.max_eval_images,
+                           allow_same_split=args.allow_same_split, tau=args.tau, batch_size=args.batch_size)
+    run = Run(args.run)
+    print(format_report(stage_classify(run, opts)))
+    print(f"wrote {run.path / 'classify' / 'metrics.csv'} and {run.figures_dir / 'masking_accuracy.png'}")
+
+
+def _add_classify_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory with a trained SAE")
+    p.add_argument("--dataset", help="dataset to rank and evaluate on (default: the run's own)")
+    p.add_argument("--rank-split", help="split whose class-level counts rank the latents (default: the run's "
+                   "training split)")
+    p.add_argument("--eval-split", help="split the accuracy is measured on (default: the run's eval split)")
+    p.add_argument("--max-rank-images", type=int, help="rank on the first N images of the rank split")
+    p.add_argument("--max-eval-images", type=int, help="evaluate on the first N images of the eval split")
+    p.add_argument("--allow-same-split", action="store_true", help="allow ranking and evaluating on one split")
+    p.add_argument("--tau", type=float, default=0.2, help="token activation threshold for class counts (0.2)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="patchsae",
@@ -154,8 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("quickstart", cmd_quickstart, "cache, train and evaluate in one go (defaults: embedded model on "
                                        "Fashion-MNIST); writes summary.json"),
         ("models", cmd_models, "list the model sources that --model accepts"),
+        ("datasets", cmd_datasets, "list the named datasets of the paper (--dataset NAME): hub id, splits, classes"),
         ("analyze", cmd_analyze, "per-latent statistics, reference images, class counts, concept names and "
                                  "figures (DIR/analysis, DIR/figures); with --image: patch maps of one image"),
+        ("classify", cmd_classify, "top-k masking: accuracy with only the top-k latents kept (or removed), ranked "
+                                   "by class / dataset / random; DIR/classify/metrics.csv and a figure"),
     ]
     for name, fn, help_ in specs:
         p = sub.add_parser(name, help=help_, description=help_)
@@ -166,8 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--run", required=True, help="run directory with a trained SAE")
         elif name == "analyze":
             _add_analyze_options(p)
-        elif name != "models":
+        elif name == "classify":
+            _add_classify_options(p)
+        elif name not in ("models", "datasets"):
             _add_run_options(p)
+        if name in ("cache", "train", "quickstart"):
+            p.add_argument("--preset", choices=["paper"], help="start a new run from a named configuration "
+                           "(paper: ViT-B/16, block -2, all tokens, ReLU x64, lambda 8e-5, ImageNet-1k)")
+            p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and its token, "
+                           "memory and step budget; writes nothing and loads no model")
         p.set_defaults(fn=fn)
     return ap
 
