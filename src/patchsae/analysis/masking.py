@@ -279,11 +279,14 @@ def rank_counts(run, model: ClipModel, sae: SAE, ds: LabelledImages, layer: int,
 
     ident = {"dataset": ds.name, "split": ds.split, "model": model.name, "layer": layer}
     mf = run.path / "analysis" / "manifest.json"
-    if mf.exists():
+    stats_file, sae_file = run.path / "analysis" / "stats.safetensors", run.sae_dir / "model.safetensors"
+    # stats older than the SAE's weights belong to an earlier SAE of this run: recount instead
+    fresh = stats_file.exists() and sae_file.exists() and stats_file.stat().st_mtime >= sae_file.stat().st_mtime
+    if mf.exists() and fresh:
         m = read_json(mf)
         if ({k: m.get(k) for k in ident} == ident and m.get("d_sae") == sae.cfg.d_sae and m.get("tau") == opts.tau
                 and m.get("max_images") == opts.max_rank_images):
-            counts_CS = load_file(str(run.path / "analysis" / "stats.safetensors"))["class_counts_CS"]
+            counts_CS = load_file(str(stats_file))["class_counts_CS"]
             return counts_CS, {"source": str(mf.parent), "images": m["n_images"]}
     cache_dir = run.cache_dir(ds.split)
     if (cache_dir / "manifest.json").exists():
