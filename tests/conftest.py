@@ -52,3 +52,18 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     return make_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def make_tiny_run(tiny_clip_dir, tmp_path_factory):
+    """Build a small quickstart run on the tiny model in a fresh directory (each caller gets its own, since
+    later stages write into it)."""
+    from patchsae import cli
+
+    def make(name: str) -> Path:
+        run = tmp_path_factory.mktemp(name) / "run"
+        assert cli.main(["quickstart", "--run", str(run), "--model", str(tiny_clip_dir), "--max-train-images",
+                         "200", "--max-eval-images", "60", "--expansion", "4", "--warmup-steps", "5"]) == 0
+        return run
+
+    return make

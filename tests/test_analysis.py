@@ -222,11 +222,8 @@ def test_patch_map_shapes_and_upsampling(tiny):
 # ---- the command line ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def quick_run(tiny_clip_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("analyze") / "run"
-    assert cli.main(["quickstart", "--run", str(run), "--model", str(tiny_clip_dir), "--max-train-images", "200",
-                     "--max-eval-images", "60", "--expansion", "4", "--warmup-steps", "5"]) == 0
-    return run
+def quick_run(make_tiny_run):
+    return make_tiny_run("analyze")
 
 
 def test_cli_analyze_end_to_end(quick_run, tmp_path, capsys):

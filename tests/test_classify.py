@@ -165,11 +165,8 @@ def test_text_head_is_cached_by_model_classes_and_templates(tiny, tmp_path, monk
 # ---- the command line ----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def quick_run(tiny_clip_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("classify") / "run"
-    assert cli.main(["quickstart", "--run", str(run), "--model", str(tiny_clip_dir), "--max-train-images", "200",
-                     "--max-eval-images", "60", "--expansion", "4", "--warmup-steps", "5"]) == 0
-    return run
+def quick_run(make_tiny_run):
+    return make_tiny_run("classify")
 
 
 def test_same_split_is_refused(quick_run, capsys):
