@@ -22,10 +22,12 @@ _HELP = {
     "tokens": "tokens to train on: all (CLS + patches, the paper), patch, or cls",
     "max_train_images": "cache only the first N training images",
     "max_eval_images": "evaluate on the first N held-out images",
-    "arch": "relu (paper: ReLU + L1, ghost grads) or topk (TopK + AuxK)",
+    "arch": "relu (paper: ReLU + L1, ghost grads), topk (TopK + AuxK), batchtopk (BatchTopK + AuxK; runs as "
+            "JumpReLU with the learnt threshold afterwards) or jumprelu (JumpReLU + L0 penalty, --l0-coeff)",
     "expansion": "d_sae = expansion x d_model (paper: 64)",
     "k": "active latents per token for topk",
     "l1_coeff": "L1 coefficient lambda for relu (paper: 8e-5)",
+    "l0_coeff": "L0 penalty coefficient for jumprelu",
     "lr": "Adam learning rate (paper: 4e-4)",
     "warmup_steps": "linear warm-up steps (paper: 500)",
     "batch_tokens": "tokens per training step",

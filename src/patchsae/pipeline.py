@@ -53,7 +53,7 @@ def stage_train(run: Run, progress: bool = True, on_the_fly: bool = False):
         source = CachedTokens(cache, cfg.tokens, seed=cfg.seed)
         d_model, layer = cache.d_model, cache.manifest["layer"]
     sae_cfg = SAEConfig(d_model=d_model, d_sae=cfg.expansion * d_model, arch=cfg.arch, k=cfg.k,
-                        l1_coeff=cfg.l1_coeff)
+                        l1_coeff=cfg.l1_coeff, l0_coeff=cfg.l0_coeff)
     train_cfg = TrainConfig(total_tokens=int(cfg.epochs * source.n_tokens), batch_tokens=cfg.batch_tokens,
                             lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed, device=cfg.device)
     return train_sae(sae_cfg, train_cfg, source, run.sae_dir, progress=progress,

@@ -30,6 +30,7 @@ class RunConfig:
     expansion: int = 32
     k: int = 32
     l1_coeff: float = 8e-5
+    l0_coeff: float = 1e-3
     lr: float = 4e-4
     warmup_steps: int = 500
     batch_tokens: int = 4096

@@ -2,6 +2,12 @@
 
 ReLU SAE (the paper's):  f = ReLU((x - b_dec) W_enc + b_enc),  x_hat = f W_dec + b_dec
 TopK SAE:                f = TopK_k(ReLU((x - b_dec) W_enc + b_enc)), same decoder.
+BatchTopK SAE:           the batch's top (tokens x k) of ReLU(pre) in training; afterwards a JumpReLU with one
+                         threshold, a running estimate of the smallest activation the batch selection kept.
+JumpReLU SAE:            f = pre * H(pre - theta_S), per-latent thresholds trained with straight-through
+                         estimators and an L0 penalty.
+TopK-family training decodes from the k active (index, value) pairs only, so the (tokens x d_sae) matrix is
+built once, by the encoder's forward product, and never enters a backward pass.
 Decoder rows are kept at unit L2 norm, so a latent's activation is its contribution's length.
 Inputs are multiplied by `input_scale` (fixed at initialisation so that E||x||^2 = d_model on the first
 sample) before encoding and divided after decoding: callers pass and get raw activations.
@@ -9,6 +15,7 @@ sample) before encoding and divided after decoding: callers pass and get raw act
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -18,23 +25,33 @@ import torch.nn.functional as F
 from patchsae import PatchSAEError
 
 
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
+TOPK_FAMILY = ("topk", "batchtopk")
+THRESHOLD_EMA = 0.01  # BatchTopK: weight of each batch's smallest kept activation in the running threshold
+
+
 @dataclass(frozen=True)
 class SAEConfig:
     d_model: int
     d_sae: int
-    arch: str = "relu"  # "relu" (L1 penalty) or "topk"
-    k: int = 32  # active latents per token, TopK only
+    arch: str = "relu"  # one of ARCHS: "relu" (L1 penalty), "topk", "batchtopk", "jumprelu" (L0 penalty)
+    k: int = 32  # active latents per token, TopK; mean active latents per token, BatchTopK
     l1_coeff: float = 8e-5  # lambda, ReLU only
-    ghost_grads: bool = True  # ReLU only; TopK uses the AuxK loss
-    aux_k: int = 0  # TopK auxiliary latents; 0 = d_model // 2
+    ghost_grads: bool = True  # ReLU only; the TopK family uses the AuxK loss
+    aux_k: int = 0  # TopK-family auxiliary latents; 0 = d_model // 2
     aux_coeff: float = 1 / 32
     dead_steps: int = 64  # a latent is dead after this many steps without firing
+    l0_coeff: float = 1e-3  # JumpReLU only: weight of the L0 penalty
+    bandwidth: float = 1e-3  # JumpReLU only: width of the straight-through rectangle kernel
+    init_threshold: float = 1e-3  # JumpReLU only: initial theta of every latent
 
     def __post_init__(self):
-        if self.arch not in ("relu", "topk"):
-            raise PatchSAEError(f"unknown SAE architecture {self.arch!r} (choose relu or topk)")
-        if self.arch == "topk" and not 0 < self.k <= self.d_sae:
-            raise PatchSAEError(f"TopK k={self.k} must be in 1..d_sae={self.d_sae}")
+        if self.arch not in ARCHS:
+            raise PatchSAEError(f"unknown SAE architecture {self.arch!r} (choose {', '.join(ARCHS)})")
+        if self.arch in TOPK_FAMILY and not 0 < self.k <= self.d_sae:
+            raise PatchSAEError(f"{self.arch} k={self.k} must be in 1..d_sae={self.d_sae}")
+        if self.arch == "jumprelu" and not (self.bandwidth > 0 and self.init_threshold > 0 and self.l0_coeff >= 0):
+            raise PatchSAEError("jumprelu needs bandwidth > 0, init_threshold > 0 and l0_coeff >= 0")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -57,6 +74,77 @@ def geometric_median(points_ND: torch.Tensor, iters: int = 200, eps: float = 1e-
     return m.to(points_ND.dtype)
 
 
+class _GatherPreActs(torch.autograd.Function):
+    """vals_NK = pre_NS[n, idx_NK] where pre_NS = xc_ND @ W_enc + b_enc was already computed without a graph.
+
+    The backward touches only the gathered (token, latent) pairs, as sparse products, instead of the dense
+    (tokens x d_sae) gradient autograd would build through pre_NS."""
+
+    @staticmethod
+    def forward(ctx, xc_ND, W_enc, b_enc, pre_NS, idx_NK):
+        ctx.save_for_backward(xc_ND, W_enc, idx_NK)
+        return pre_NS.gather(-1, idx_NK)
+
+    @staticmethod
+    def backward(ctx, g_NK):
+        xc_ND, W_enc, idx_NK = ctx.saved_tensors
+        (n, k), s = idx_NK.shape, W_enc.shape[1]
+        rows = torch.arange(n, device=idx_NK.device).repeat_interleave(k)
+        g_NS = torch.sparse_coo_tensor(torch.stack([rows, idx_NK.reshape(-1)]), g_NK.reshape(-1), (n, s),
+                                       check_invariants=False)
+        gx = torch.sparse.mm(g_NS, W_enc.t()) if ctx.needs_input_grad[0] else None
+        gW = torch.sparse.mm(g_NS.t(), xc_ND).t() if ctx.needs_input_grad[1] else None
+        gb = (torch.zeros(s, dtype=g_NK.dtype, device=g_NK.device).index_add_(0, idx_NK.reshape(-1), g_NK.reshape(-1))
+              if ctx.needs_input_grad[2] else None)
+        return gx, gW, gb, None, None
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre * H(pre - theta); theta's gradient is the straight-through estimate -(theta/eps) K((pre-theta)/eps),
+    non-zero only for pre-activations within eps/2 of the threshold (Rajamanoharan et al. 2024)."""
+
+    @staticmethod
+    def forward(ctx, pre_NS, theta_S, eps):
+        ctx.save_for_backward(pre_NS, theta_S)
+        ctx.eps = eps
+        return pre_NS * (pre_NS > theta_S)
+
+    @staticmethod
+    def backward(ctx, g_NS):
+        pre_NS, theta_S = ctx.saved_tensors
+        g_pre = g_NS * (pre_NS > theta_S)
+        g_theta = -(theta_S / ctx.eps) * _rectangle((pre_NS - theta_S) / ctx.eps) * g_NS
+        return g_pre, g_theta.reshape(-1, theta_S.shape[-1]).sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """H(pre - theta) for the L0 penalty: no gradient to pre, the STE -(1/eps) K((pre-theta)/eps) to theta."""
+
+    @staticmethod
+    def forward(ctx, pre_NS, theta_S, eps):
+        ctx.save_for_backward(pre_NS, theta_S)
+        ctx.eps = eps
+        return (pre_NS > theta_S).to(pre_NS.dtype)
+
+    @staticmethod
+    def backward(ctx, g_NS):
+        pre_NS, theta_S = ctx.saved_tensors
+        g_theta = -(1.0 / ctx.eps) * _rectangle((pre_NS - theta_S) / ctx.eps) * g_NS
+        return None, g_theta.reshape(-1, theta_S.shape[-1]).sum(0), None
+
+
+def _mask_to_pairs(f_NS: torch.Tensor, keep_NS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx_NK, keep_NK) for the kept entries of each row, padded to the longest row (at least one column);
+    padding has keep False."""
+    k = max(1, int(keep_NS.sum(-1).max())) if keep_NS.numel() else 1
+    idx_NK = f_NS.masked_fill(~keep_NS, -torch.inf).topk(k, dim=-1, sorted=False).indices
+    return idx_NK, keep_NS.gather(-1, idx_NK)
+
+
 class SAE(nn.Module):
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -71,6 +159,11 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_model))
         self.register_buffer("input_scale", torch.ones(()))
+        # only the architectures that use them get these, so older relu/topk files keep loading
+        if cfg.arch == "batchtopk":
+            self.register_buffer("threshold", torch.zeros(()))  # 0 = no batch seen yet
+        if cfg.arch == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.init_threshold)))
 
     # ---- initialisation --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -80,20 +173,32 @@ class SAE(nn.Module):
         self.input_scale.fill_((self.cfg.d_model / x_ND.pow(2).sum(1).mean()).sqrt().item())
         self.b_dec.copy_(geometric_median(x_ND * self.input_scale))
 
-    # ---- forward -----------------------------------------------------------------------------------------
-    def pre_acts(self, x_ND: torch.Tensor) -> torch.Tensor:
-        return (x_ND * self.input_scale - self.b_dec) @ self.W_enc + self.b_enc
+    # ---- dense forward -----------------------------------------------------------------------------------
+    def centred(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return x_ND * self.input_scale - self.b_dec
 
-    def activate(self, pre_NS: torch.Tensor) -> torch.Tensor:
+    def pre_acts(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return self.centred(x_ND) @ self.W_enc + self.b_enc
+
+    def activate(self, pre_NS: torch.Tensor, inference: bool = True) -> torch.Tensor:
+        """Dense activations. BatchTopK selects across the batch only with inference=False (training); by
+        default it is the JumpReLU with the learnt threshold, so a token's code does not depend on its batch."""
+        arch = self.cfg.arch
+        if arch == "jumprelu":
+            return _JumpReLU.apply(pre_NS, self.log_threshold.exp(), self.cfg.bandwidth)
         f_NS = F.relu(pre_NS)
-        if self.cfg.arch == "topk":
+        if arch == "topk":
             vals, idx = f_NS.topk(self.cfg.k, dim=-1, sorted=False)
             f_NS = torch.zeros_like(f_NS).scatter_(-1, idx, vals)
+        elif arch == "batchtopk" and inference:
+            f_NS = f_NS * (pre_NS > self.threshold)
+        elif arch == "batchtopk":
+            f_NS = f_NS * self._batch_keep(f_NS.detach())
         return f_NS
 
-    def encode(self, x_ND: torch.Tensor) -> torch.Tensor:
+    def encode(self, x_ND: torch.Tensor, inference: bool = True) -> torch.Tensor:
         """Latent activations f (…, d_sae) of raw activations x (…, d_model)."""
-        return self.activate(self.pre_acts(x_ND))
+        return self.activate(self.pre_acts(x_ND), inference)
 
     def decode_scaled(self, f_NS: torch.Tensor) -> torch.Tensor:
         return f_NS @ self.W_dec + self.b_dec
@@ -105,6 +210,51 @@ class SAE(nn.Module):
     def forward(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f_NS = self.encode(x_ND)
         return self.decode(f_NS), f_NS
+
+    # ---- sparse forward ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _batch_keep(self, f_NS: torch.Tensor) -> torch.Tensor:
+        """BatchTopK mask: the batch's (tokens x k) largest activations, wherever they fall."""
+        flat = f_NS.reshape(-1)
+        idx = flat.topk(min(self.cfg.k * (flat.numel() // self.cfg.d_sae), flat.numel()), sorted=False).indices
+        return torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, idx, True).view_as(f_NS)
+
+    @torch.no_grad()
+    def _select(self, pre_NS: torch.Tensor, inference: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Which latents each token keeps: (idx_NK, keep_NK), keep None when every pair is kept."""
+        f_NS = F.relu(pre_NS)
+        arch = self.cfg.arch
+        if arch == "topk":
+            return f_NS.topk(self.cfg.k, dim=-1, sorted=False).indices, None
+        if arch == "batchtopk" and not inference:
+            return _mask_to_pairs(f_NS, self._batch_keep(f_NS))
+        theta = {"relu": 0.0, "batchtopk": self.threshold}.get(arch)
+        return _mask_to_pairs(f_NS, pre_NS > (self.log_threshold.exp() if theta is None else theta))
+
+    def _sparse_code(self, x_ND: torch.Tensor, inference: bool):
+        """(vals_NK, idx_NK, xc_ND, pre_NS): values differentiable through the gathered columns only; pre_NS,
+        the one dense product, carries no graph."""
+        xc_ND = self.centred(x_ND)
+        with torch.no_grad():
+            pre_NS = xc_ND @ self.W_enc + self.b_enc
+        idx_NK, keep_NK = self._select(pre_NS, inference)
+        vals_NK = F.relu(_GatherPreActs.apply(xc_ND, self.W_enc, self.b_enc, pre_NS, idx_NK))
+        if keep_NK is not None:
+            vals_NK = vals_NK * keep_NK
+        return vals_NK, idx_NK, xc_ND, pre_NS
+
+    def encode_sparse(self, x_ND: torch.Tensor, inference: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values_NK, indices_NK) of the active latents of x (N, d_model); rows with fewer than K active
+        latents are padded with value 0. JumpReLU values carry no threshold gradient here (train densely)."""
+        vals_NK, idx_NK, _, _ = self._sparse_code(x_ND, inference)
+        return vals_NK, idx_NK
+
+    def decode_sparse_scaled(self, vals_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        return F.embedding_bag(idx_NK, self.W_dec, per_sample_weights=vals_NK, mode="sum") + self.b_dec
+
+    def decode_sparse(self, vals_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in the raw space from (values, indices): a weighted sum of k decoder rows a token."""
+        return self.decode_sparse_scaled(vals_NK, idx_NK) / self.input_scale
 
     # ---- decoder constraint ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -122,12 +272,14 @@ class SAE(nn.Module):
 
     # ---- losses ---------------------------------------------------------------------------------------------
     def loss(self, x_ND: torch.Tensor, dead_S: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """Training loss on raw activations; all terms are means over tokens in the scaled space."""
+        """Training loss on raw activations; all terms are means over tokens in the scaled space. The TopK
+        family runs sparse and, in training mode, BatchTopK moves its threshold estimate."""
+        if self.cfg.arch in TOPK_FAMILY:
+            return self._sparse_loss(x_ND, dead_S)
         xs_ND = x_ND * self.input_scale
         pre_NS = self.pre_acts(x_ND)
         f_NS = self.activate(pre_NS)
-        xhat_ND = self.decode_scaled(f_NS)
-        err_ND = xhat_ND - xs_ND
+        err_ND = self.decode_scaled(f_NS) - xs_ND
         mse = err_ND.pow(2).mean()
         parts = {"mse": mse.detach(), "l0": (f_NS > 0).float().sum(-1).mean().detach()}
         loss = mse
@@ -139,12 +291,37 @@ class SAE(nn.Module):
                 ghost = self._ghost_loss(x_ND, err_ND, mse, dead_S)
                 loss = loss + ghost
                 parts["ghost"] = ghost.detach()
-        elif dead_S is not None and dead_S.any():
-            aux = self._aux_k_loss(pre_NS, err_ND, dead_S)
-            loss = loss + self.cfg.aux_coeff * aux
-            parts["aux"] = aux.detach()
+        else:  # jumprelu
+            l0 = _Step.apply(pre_NS, self.log_threshold.exp(), self.cfg.bandwidth).sum(-1).mean()
+            loss = loss + self.cfg.l0_coeff * l0
         parts["fired_S"] = (f_NS > 0).any(0)
         return loss, parts
+
+    def _sparse_loss(self, x_ND, dead_S):
+        vals_NK, idx_NK, xc_ND, pre_NS = self._sparse_code(x_ND, inference=False)
+        err_ND = self.decode_sparse_scaled(vals_NK, idx_NK) - x_ND * self.input_scale
+        mse = err_ND.pow(2).mean()
+        on_NK = vals_NK.detach() > 0
+        parts = {"mse": mse.detach(), "l0": on_NK.float().sum(-1).mean()}
+        loss = mse
+        if dead_S is not None and dead_S.any():
+            aux = self._aux_k_loss(pre_NS, err_ND, dead_S, xc_ND)
+            loss = loss + self.cfg.aux_coeff * aux
+            parts["aux"] = aux.detach()
+        if self.cfg.arch == "batchtopk" and self.training:
+            self._update_threshold(vals_NK.detach()[on_NK])
+        parts["fired_S"] = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x_ND.device).index_fill_(
+            0, idx_NK[on_NK], True)
+        return loss, parts
+
+    @torch.no_grad()
+    def _update_threshold(self, kept_vals: torch.Tensor) -> None:
+        """EMA of the smallest positive activation the batch selection kept (the first batch sets it): the
+        JumpReLU threshold that, on average, keeps what BatchTopK kept."""
+        if kept_vals.numel() == 0:
+            return
+        lo = kept_vals.min()
+        self.threshold.copy_(lo if self.threshold <= 0 else torch.lerp(self.threshold, lo, THRESHOLD_EMA))
 
     def _ghost_loss(self, x_ND, err_ND, mse, dead_S):
         """Ghost grads: dead latents, with exp() activations, are asked to explain the residual the live
@@ -159,14 +336,17 @@ class SAE(nn.Module):
         ghost_mse = (ghost_out_ND - resid_ND).pow(2).mean()
         return (mse.detach() / (ghost_mse.detach() + 1e-6)) * ghost_mse
 
-    def _aux_k_loss(self, pre_NS, err_ND, dead_S):
+    def _aux_k_loss(self, pre_NS, err_ND, dead_S, xc_ND=None):
         """AuxK (Gao et al. 2024): the top aux_k dead latents reconstruct the main residual, normalised by
-        the residual's variance."""
+        the residual's variance. Decoded sparsely; with xc_ND (pre_NS then has no graph) the encoder gradient
+        also goes through the gathered columns only."""
         aux_k = min(self.cfg.aux_k or self.cfg.d_model // 2, int(dead_S.sum()))
-        pre_dead_NS = torch.where(dead_S, pre_NS, torch.full_like(pre_NS, -torch.inf))
-        vals, idx = pre_dead_NS.topk(aux_k, dim=-1, sorted=False)
-        f_aux_NS = torch.zeros_like(pre_NS).scatter_(-1, idx, F.relu(vals))
+        with torch.no_grad():
+            pre_dead_NS = torch.where(dead_S, pre_NS, torch.full_like(pre_NS, -torch.inf))
+            idx_NK = pre_dead_NS.topk(aux_k, dim=-1, sorted=False).indices
+        vals_NK = (pre_NS.gather(-1, idx_NK) if xc_ND is None
+                   else _GatherPreActs.apply(xc_ND, self.W_enc, self.b_enc, pre_NS, idx_NK))
         resid_ND = (-err_ND).detach()
-        recon_ND = f_aux_NS @ self.W_dec
+        recon_ND = F.embedding_bag(idx_NK, self.W_dec, per_sample_weights=F.relu(vals_NK), mode="sum")
         denom = (resid_ND - resid_ND.mean(0)).pow(2).mean().clamp_min(1e-12)
         return (recon_ND - resid_ND).pow(2).mean() / denom
