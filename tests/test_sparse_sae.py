@@ -14,38 +14,12 @@ from patchsae.sae.checkpoint import load_sae, load_training_state, save_sae
 from patchsae.sae.model import SAE, SAEConfig
 from patchsae.sae.train import TrainConfig, train_sae
 
+from helpers import MemTokens, _data
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class MemTokens:
-    """In-memory token source, deterministic per step; `fail_after` batches -> RuntimeError."""
-
-    def __init__(self, x_ND, fail_after=None):
-        self.x = x_ND
-        self.n_tokens = len(x_ND)
-        self.fail_after = fail_after
-        self.produced = 0
-
-    def sample(self, n):
-        return self.x[:n].clone()
-
-    def batches(self, batch_size, start_step=0):
-        step = start_step
-        while True:
-            if self.fail_after is not None and self.produced >= self.fail_after:
-                raise RuntimeError("token source died")
-            g = torch.Generator().manual_seed(4321 + step)
-            self.produced += 1
-            yield self.x[torch.randint(0, self.n_tokens, (batch_size,), generator=g)].clone()
-            step += 1
-
-
-def _data(n=1024, d=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    basis = torch.randn(40, d, generator=g)
-    x = torch.relu(torch.randn(n, 40, generator=g) - 1.2) @ basis + 2.0
-    return x + 0.05 * torch.randn(n, d, generator=g)
 
 
 def _sae(arch, seed=0, d_model=16, d_sae=64, **kw):
