@@ -11,27 +11,10 @@ from patchsae import PatchSAEError
 from patchsae.sae.model import SAE, SAEConfig, geometric_median
 from patchsae.sae.train import TrainConfig, train_sae
 
+from helpers import MemTokens
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class MemTokens:
-    """In-memory token source, deterministic per step (the batch at step s depends only on s)."""
-
-    def __init__(self, x_ND: torch.Tensor, seed: int = 0):
-        self.x = x_ND
-        self.n_tokens = len(x_ND)
-        self.seed = seed
-
-    def sample(self, n: int) -> torch.Tensor:
-        return self.x[:n]
-
-    def batches(self, batch_size: int, start_step: int = 0):
-        step = start_step
-        while True:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + step)
-            yield self.x[torch.randint(0, self.n_tokens, (batch_size,), generator=g)]
-            step += 1
 
 
 def _data(n=2048, d=16, seed=0):
