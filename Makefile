@@ -6,7 +6,7 @@ RUN    ?= runs/quickstart
 SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data quickstart test bench clean
+.PHONY: setup data browser quickstart test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,11 +15,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-setup: $(VENV)/.installed data
+setup: $(VENV)/.installed data browser
 
 data:
 	@test -f $(FMNIST) || $(SUDO) apt-get install -y dataset-fashion-mnist \
 	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist)
+
+# Debian's chromium drives the explorer's browser tests (Playwright uses it; no browser download)
+browser:
+	@test -x /usr/bin/chromium || $(SUDO) apt-get install -y chromium \
+	  || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
 
 quickstart: setup
 	$(PY) -m patchsae quickstart --run $(RUN)

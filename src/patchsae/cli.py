@@ -200,6 +200,59 @@ def _add_classify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
 
 
+def _open_explorer(args):
+    """The run opened for exploring; with --adapted, the adapted model (MaPLe prompts) beside its CLIP."""
+    from patchsae.explorer.session import Explorer
+    from patchsae.run import Run
+
+    adapt = None
+    if getattr(args, "adapted", None):
+        try:
+            from patchsae.models.maple import load_adapted
+        except ModuleNotFoundError as exc:
+            if exc.name != "patchsae.models.maple":
+                raise
+            raise PatchSAEError("--adapted needs patchsae.models.maple (MaPLe support), which this installation "
+                                "lacks") from None
+        adapt = lambda clip: load_adapted(clip, args.adapted)  # noqa: E731
+    return Explorer(Run(args.run), adapt)
+
+
+def cmd_serve(args):
+    from patchsae.explorer.server import serve
+
+    if args.max_upload_mb <= 0:
+        raise PatchSAEError(f"--max-upload-mb must be positive, not {args.max_upload_mb}")
+    explorer = _open_explorer(args)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"patchsae explorer for {args.run} on http://{host}:{args.port}/  (Ctrl-C stops it)", flush=True)
+    serve(explorer, args.host, args.port, int(args.max_upload_mb * 2**20))
+
+
+def cmd_report(args):
+    from patchsae.explorer.report import write_report
+
+    if args.top < 1:
+        raise PatchSAEError(f"--top must be at least 1, not {args.top}")
+    info = write_report(_open_explorer(args), args.out, args.top)
+    print(f"wrote {info['latent_pages']} latent pages, {info['class_pages']} class pages and "
+          f"{info['images']} images to {args.out}; open {info['index']}")
+
+
+def _add_explorer_options(p: argparse.ArgumentParser, name: str) -> None:
+    p.add_argument("--run", required=True, help="run directory with a trained SAE and `patchsae analyze` output")
+    p.add_argument("--adapted", metavar="PROMPTS", help="learnt MaPLe prompts: also show the adapted model, "
+                   "read by the same SAE (latents common / base-only / adapted-only)")
+    if name == "serve":
+        p.add_argument("--port", type=int, default=7860, help="port (7860)")
+        p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+        p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MB (10)")
+    else:
+        p.add_argument("--out", required=True, help="folder for the static site (created; files replaced)")
+        p.add_argument("--top", type=int, default=50, help="latents with their own page, most interpretable "
+                       "first (50); each class's top latents are added")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="patchsae",
@@ -220,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "figures (DIR/analysis, DIR/figures); with --image: patch maps of one image"),
         ("classify", cmd_classify, "top-k masking: accuracy with only the top-k latents kept (or removed), ranked "
                                    "by class / dataset / random; DIR/classify/metrics.csv and a figure"),
+        ("serve", cmd_serve, "explore the run's concepts in a browser: top latents of an uploaded image and of "
+                             "each patch, heatmaps, statistics, reference images, steering"),
+        ("report", cmd_report, "write the explorer's content for the top latents and the classes as a static "
+                               "site (HTML + PNG + JSON, relative links)"),
     ]
     for name, fn, help_ in specs:
         p = sub.add_parser(name, help=help_, description=help_)
@@ -232,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add_analyze_options(p)
         elif name == "classify":
             _add_classify_options(p)
+        elif name in ("serve", "report"):
+            _add_explorer_options(p, name)
         elif name not in ("models", "datasets"):
             _add_run_options(p)
         if name in ("cache", "train", "quickstart"):

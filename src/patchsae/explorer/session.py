@@ -1,0 +1,381 @@
+"""What the explorer knows about one run, and every computation its web app and static report ask for.
+
+An `Explorer` holds the run's CLIP, SAE, `analyze` statistics (DIR/analysis) and dataset, plus optionally a second
+CLIP-compatible model (an adapted one, e.g. MaPLe) that the same SAE reads. It answers: the top latents of an
+image and of each patch, a latent's patch map on any image, a latent's statistics and reference images, a
+search over latents, and steering (scale one latent at the hooked block and finish the forward pass).
+
+Images are referred to by an id the explorer hands out (`ds-<index>` for dataset images, a random hex id for
+uploads); no client-given string is ever used as a filesystem path.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from patchsae import PatchSAEError
+from patchsae.analysis import patch_maps
+from patchsae.analysis.analyze import LOW_ENTROPY, open_run
+from patchsae.models.clip import ClipModel
+from patchsae.run import Run
+from patchsae.utils import read_json
+
+STATIC_DIR = Path(__file__).parent / "static"  # the page's HTML/JS/CSS, shipped as package data
+DISPLAY = 224  # pixels per side of the images and heatmaps the explorer draws
+MAX_PIXELS = 40_000_000  # uploads with more pixels are refused before decoding (decompression bombs)
+KINDS = ("heatmap", "segmentation", "image")
+
+
+class NotAnImage(PatchSAEError):
+    """An upload that is empty, too large in pixels, or not decodable as an image."""
+
+
+class UnknownImage(KeyError):
+    """An image id the explorer never handed out, or one it has since forgotten (it keeps the latest few)."""
+
+
+@dataclass
+class ImageEntry:
+    """One image the explorer has seen: preprocessed pixels and, per model, the SAE code of its image tokens."""
+
+    pixels_CHW: torch.Tensor
+    label: int | None
+    desc: str
+    f_TS: dict[str, torch.Tensor] = field(default_factory=dict)  # model key -> (CLS + patches, d_sae)
+
+
+def load_analysis(run: Run, d_sae: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(manifest, tensors) written by `patchsae analyze`, refusing a missing, foreign or stale analysis."""
+    from safetensors.torch import load_file
+
+    folder = run.path / "analysis"
+    mf, stats = folder / "manifest.json", folder / "stats.safetensors"
+    if not mf.exists() or not stats.exists():
+        raise PatchSAEError(f"{run.path} has no concept statistics ({folder}); run `patchsae analyze --run "
+                            f"{run.path}` first")
+    manifest, tensors = read_json(mf), load_file(str(stats))
+    if manifest.get("d_sae") != d_sae or len(tensors["frequency_S"]) != d_sae:
+        raise PatchSAEError(f"{folder} describes an SAE with {manifest.get('d_sae')} latents, but {run.sae_dir} has "
+                            f"{d_sae}; rerun `patchsae analyze --run {run.path}`")
+    weights = run.sae_dir / "model.safetensors"
+    if weights.exists() and stats.stat().st_mtime < weights.stat().st_mtime:
+        raise PatchSAEError(f"{folder} is older than the SAE in {run.sae_dir}; rerun `patchsae analyze --run "
+                            f"{run.path}`")
+    return manifest, tensors
+
+
+def interpretable_order(tensors: dict[str, torch.Tensor]) -> list[int]:
+    """Latents that fired, low label entropy first (the paper's interpretable corner), each part by frequency."""
+    freq_S, ent_S = tensors["frequency_S"], tensors["entropy_S"]
+    alive = [int(l) for l in torch.argsort(freq_S, descending=True, stable=True) if freq_S[l] > 0]
+    return [l for l in alive if ent_S[l] < LOW_ENTROPY] + [l for l in alive if ent_S[l] >= LOW_ENTROPY]
+
+
+def split_common(base: Sequence[int], adapted: Sequence[int]) -> dict[str, list[int]]:
+    """The reference demo's three groups of two top-latent lists: in both, only in the base model's, only in
+    the adapted model's (each in its own list's order)."""
+    a, b = set(adapted), set(base)
+    return {"common": [l for l in base if l in a], "base_only": [l for l in base if l not in a],
+            "adapted_only": [l for l in adapted if l not in b]}
+
+
+def png_bytes(rgb_HW3: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((np.clip(rgb_HW3, 0, 1) * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_upload(data: bytes) -> Image.Image:
+    """An uploaded file as a PIL image, or PatchSAEError (never a stack trace) if it is not a readable image."""
+    if not data:
+        raise NotAnImage("the uploaded file is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise NotAnImage(f"image of {w}x{h} pixels is larger than the {MAX_PIXELS:,} pixels allowed")
+            im.load()
+            return im.copy()
+    except PatchSAEError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files; all mean "not an image"
+        raise NotAnImage(f"the uploaded file is not an image PIL can read ({type(exc).__name__})") from None
+
+
+class Explorer:
+    """One run opened for exploring. All model work runs under one lock: steering installs a hook on the shared
+    model, and no other forward pass may run while it is in place."""
+
+    def __init__(self, run: Run, adapt: Callable[[ClipModel], ClipModel] | None = None, max_images: int = 64):
+        """`adapt` turns the run's CLIP into an adapted model (e.g. MaPLe prompts) that the same SAE reads."""
+        from patchsae.analysis.masking import cached_text_head
+        from patchsae.data import open_dataset
+
+        self.run = run
+        cfg, model, sae, _ = open_run(run)
+        self.layer = model.resolve_layer(cfg.layer)
+        self.sae = sae.to(model.device).eval()
+        self.manifest, self.stats = load_analysis(run, sae.cfg.d_sae)
+        self.class_names = list(self.manifest["class_names"])
+        self.models: dict[str, ClipModel] = {"base": model}
+        adapted = adapt(model) if adapt is not None else None
+        if adapted is not None:
+            adapted.resolve_layer(self.layer)
+            self.models["adapted"] = adapted
+        opts = self.manifest.get("options") or {}
+        try:
+            self.ds = open_dataset(opts.get("dataset") or cfg.dataset, self.manifest["split"],
+                                   path=None if opts.get("dataset") else cfg.dataset_path)
+            self.ds_error = None
+        except PatchSAEError as exc:  # uploads still work; reference images do not
+            self.ds, self.ds_error = None, str(exc)
+        try:
+            base_head = cached_text_head(model, self.class_names, run.path / "classify" / "text_head.safetensors")
+        except OSError:  # a read-only run directory: compute without caching
+            base_head = model.text_head(self.class_names)
+        self.heads = {"base": base_head}
+        if adapted is not None:
+            self.heads["adapted"] = adapted.text_head(self.class_names)
+        vocab = self.manifest["naming"]["vocabulary"]
+        self.names = [[(vocab[int(i)], float(s)) for i, s in zip(idx, sc) if i >= 0]
+                      for idx, sc in zip(self.stats["name_index_SN"].tolist(), self.stats["name_score_SN"].tolist())]
+        self.order = interpretable_order(self.stats)
+        self._rank = {l: r for r, l in enumerate(self.order)}
+        self._images: OrderedDict[str, ImageEntry] = OrderedDict()
+        self._max_images = max_images
+        self.lock = threading.RLock()
+
+    # ---- basic facts ----------------------------------------------------------------------------------------
+    @property
+    def d_sae(self) -> int:
+        return self.sae.cfg.d_sae
+
+    def name(self, latent: int) -> str:
+        return self.names[latent][0][0] if self.names[latent] else ""
+
+    def info(self) -> dict:
+        model = self.models["base"]
+        layout = model.layout()
+        m = self.manifest
+        return {"run": self.run.path.name, "model": model.name, "layer": self.layer, "d_sae": self.d_sae,
+                "grid": list(layout.grid), "input_size": model.preprocess.size, "display_size": DISPLAY,
+                "class_names": self.class_names, "adapted": "adapted" in self.models,
+                "adapted_model": self.models["adapted"].name if "adapted" in self.models else None,
+                "dataset": {"name": m["dataset"], "split": m["split"], "analysed_images": m["n_images"],
+                            "size": len(self.ds) if self.ds is not None else 0, "error": self.ds_error},
+                "low_entropy_threshold": LOW_ENTROPY, "n_low_entropy": m.get("n_low_entropy"),
+                "alive_latents": len(self.order), "tau": m["tau"]}
+
+    def check_latent(self, latent: int) -> int:
+        if not 0 <= latent < self.d_sae:
+            raise PatchSAEError(f"latent {latent} does not exist (the SAE has {self.d_sae}: 0..{self.d_sae - 1})")
+        return latent
+
+    def check_model(self, key: str) -> ClipModel:
+        if key not in self.models:
+            raise PatchSAEError(f"no model {key!r} (this explorer has {', '.join(self.models)})")
+        return self.models[key]
+
+    # ---- images -------------------------------------------------------------------------------------------
+    def _add(self, image_id: str, img: Image.Image, label: int | None, desc: str) -> str:
+        with self.lock:
+            if image_id not in self._images:
+                pixels = self.models["base"].preprocess([img])[0]
+                entry = ImageEntry(pixels, label, desc)
+                for key, model in self.models.items():
+                    entry.f_TS[key] = patch_maps.image_activations(model, self.sae, pixels, self.layer)
+                self._images[image_id] = entry
+            self._images.move_to_end(image_id)
+            while len(self._images) > self._max_images:
+                self._images.popitem(last=False)
+        return image_id
+
+    def add_upload(self, data: bytes, filename: str = "upload") -> str:
+        img = decode_upload(data)
+        return self._add(secrets.token_hex(8), img, None, filename[:80])
+
+    def add_dataset(self, index: int) -> str:
+        if self.ds is None:
+            raise PatchSAEError(f"the run's dataset is not available here: {self.ds_error}")
+        if not 0 <= index < len(self.ds):
+            raise PatchSAEError(f"image index {index} is outside {self.ds.name}/{self.ds.split} (0..{len(self.ds) - 1})")
+        image_id = f"ds-{index}"
+        if image_id in self._images:
+            return self._add(image_id, None, None, "")
+        img, label = self.ds.load(index)
+        return self._add(image_id, img, int(label), f"{self.ds.name}/{self.ds.split}[{index}]")
+
+    def entry(self, image_id: str) -> ImageEntry:
+        with self.lock:
+            if image_id not in self._images:
+                if image_id.startswith("ds-") and image_id[3:].isdigit():
+                    self.add_dataset(int(image_id[3:]))
+                else:
+                    raise UnknownImage(image_id)
+            return self._images[image_id]
+
+    def _latent_rows(self, ids: Sequence[int], vals: Sequence[float]) -> list[dict]:
+        return [{"latent": int(i), "activation": round(float(v), 5), "name": self.name(int(i))}
+                for i, v in zip(ids, vals) if v > 0]
+
+    @torch.no_grad()
+    def predictions(self, emb_BE: torch.Tensor, key: str, n: int = 5) -> list[dict]:
+        """Top-n zero-shot classes with softmax probabilities at the model's own logit scale."""
+        model = self.models[key]
+        scale = float(model.hf.logit_scale.exp()) if hasattr(model, "hf") else 100.0
+        probs = torch.softmax(scale * model.logits(emb_BE, self.heads[key])[0].float(), -1)
+        vals, ids = probs.topk(min(n, len(self.class_names)))
+        return [{"class": self.class_names[int(i)], "index": int(i), "prob": round(float(v), 5)}
+                for i, v in zip(ids, vals)]
+
+    def analyze(self, image_id: str, n: int = 10, per_patch: int = 3) -> dict:
+        """Top latents of the image (image level: mean over CLS + patches) and of every patch, per model;
+        with two models, the image-level lists split into common / base-only / adapted-only."""
+        e = self.entry(image_id)
+        out = {"image_id": image_id, "desc": e.desc,
+               "label": self.class_names[e.label] if e.label is not None else None,
+               "grid": list(self.models["base"].layout().grid), "models": {}}
+        for key, model in self.models.items():
+            f_TS, layout = e.f_TS[key], model.layout()
+            ids, vals = patch_maps.top_latents_of_image(f_TS, n)
+            p_vals, p_ids = f_TS[layout.n_cls:].topk(min(per_patch, self.d_sae), dim=1)
+            with self.lock:
+                emb = model.image_features(e.pixels_CHW[None])
+            out["models"][key] = {
+                "model": model.name, "top_latents": self._latent_rows(ids, vals),
+                "patches": [self._latent_rows(i, v) for i, v in zip(p_ids.tolist(), p_vals.tolist())],
+                "predictions": self.predictions(emb, key)}
+        if "adapted" in self.models:
+            lists = [[r["latent"] for r in out["models"][k]["top_latents"]] for k in ("base", "adapted")]
+            out["groups"] = split_common(*lists)
+        return out
+
+    def patch(self, image_id: str, row: int, col: int, n: int = 10) -> dict:
+        e = self.entry(image_id)
+        out = {"image_id": image_id, "row": row, "col": col, "models": {}}
+        for key, model in self.models.items():
+            ids, vals = patch_maps.top_latents_of_patch(e.f_TS[key], model.layout(), row, col, n)
+            out["models"][key] = {"top_latents": self._latent_rows(ids, vals)}
+        return out
+
+    def image_png(self, image_id: str, latent: int | None = None, kind: str = "image", key: str = "base",
+                  size: int = DISPLAY) -> bytes:
+        """The image at `size` pixels per side, or a latent's heatmap overlay / segmentation on it."""
+        if kind not in KINDS:
+            raise PatchSAEError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        e = self.entry(image_id)
+        model = self.check_model(key)
+        img = patch_maps.display_image(e.pixels_CHW, self.models["base"])
+        img = np.asarray(Image.fromarray((img * 255).round().astype(np.uint8)).resize((size, size),
+                                                                                      Image.BICUBIC)) / 255.0
+        if kind == "image":
+            return png_bytes(img)
+        grid = patch_maps.patch_grid(e.f_TS[key], model.layout(), self.check_latent(latent))
+        heat = patch_maps.upsample(grid, (size, size))
+        return png_bytes(patch_maps.heatmap_overlay(img, heat) if kind == "heatmap"
+                         else patch_maps.segmentation(img, heat))
+
+    def patch_max(self, image_id: str, latent: int, key: str = "base") -> float:
+        e = self.entry(image_id)
+        return float(patch_maps.patch_grid(e.f_TS[key], self.check_model(key).layout(), latent).max())
+
+    # ---- latents --------------------------------------------------------------------------------------------
+    def summary(self, latent: int) -> dict:
+        s = self.stats
+        return {"latent": latent, "name": self.name(latent), "frequency": round(float(s["frequency_S"][latent]), 6),
+                "mean_activation": round(float(s["mean_act_S"][latent]), 5),
+                "entropy": round(float(s["entropy_S"][latent]), 4)}
+
+    def latent(self, latent: int) -> dict:
+        """Statistics of one latent from `analyze`: names, frequency, mean activation, label entropy, majority
+        label, class-level counts and reference images (by image-level and by single-patch activation)."""
+        l, s = self.check_latent(latent), self.stats
+        maj = int(s["majority_S"][l])
+
+        def refs(prefix: str) -> list[dict]:
+            return [{"index": int(i), "value": round(float(v), 5), "class": self.class_names[int(y)]}
+                    for i, v, y in zip(s[f"{prefix}_index_SK"][l], s[f"{prefix}_value_SK"][l],
+                                       s[f"{prefix}_label_SK"][l]) if i >= 0]
+
+        return {**self.summary(l), "names": [{"name": n, "score": round(sc, 4)} for n, sc in self.names[l]],
+                "fired_images": int(s["fired_S"][l]), "analysed_images": self.manifest["n_images"],
+                "majority": self.class_names[maj] if maj >= 0 else None,
+                "low_entropy": bool(s["entropy_S"][l] < LOW_ENTROPY) and int(s["fired_S"][l]) > 0,
+                "rank": self._rank.get(l),
+                "class_counts": [{"class": c, "count": int(n)} for c, n in zip(self.class_names,
+                                                                               s["class_counts_CS"][:, l])],
+                "dataset_count": int(s["dataset_counts_S"][l]),
+                "references": refs("top"), "patch_references": refs("patch")}
+
+    def search(self, query: str = "", limit: int = 50) -> dict:
+        """Latents whose id equals the query or whose names contain it (case-insensitive); with no query, the
+        most interpretable ones. Results in interpretability order, dead latents last."""
+        q = query.strip().lower()
+        if not q:
+            hits = self.order
+        else:
+            by_name = [l for l in range(self.d_sae) if any(q in n.lower() for n, _ in self.names[l])]
+            by_id = [int(q)] if q.isdigit() and int(q) < self.d_sae else []
+            first = lambda l: q not in self.name(l).lower()  # noqa: E731 - matches of the top name first
+            hits = by_id + sorted((l for l in by_name if l not in by_id),
+                                  key=lambda l: (first(l), self._rank.get(l, self.d_sae + l)))
+        return {"query": query, "total": len(hits), "latents": [self.summary(l) for l in hits[:limit]]}
+
+    def class_latents(self, c: int, n: int = 10) -> dict:
+        if not 0 <= c < len(self.class_names):
+            raise PatchSAEError(f"class {c} does not exist (0..{len(self.class_names) - 1})")
+        counts_S = self.stats["class_counts_CS"][c]
+        vals, ids = counts_S.topk(min(n, self.d_sae))
+        return {"class": self.class_names[c], "index": c,
+                "latents": [{**self.summary(int(i)), "count": int(v)} for i, v in zip(ids, vals) if v > 0]}
+
+    # ---- steering ------------------------------------------------------------------------------------------
+    def steer(self, image_id: str, latent: int, scale: float, patches: Sequence[Sequence[int]] | None = None,
+              key: str = "base") -> dict:
+        """Multiply latent `latent` by `scale` at the hooked block and finish the forward pass.
+
+        At each chosen token the residual stream h gets (scale - 1) * f_l(h) * d_l added, d_l = the decoder row
+        in raw activation space: exactly the change of the SAE's reconstruction, with its error term kept, so
+        scale 1 is the unmodified model and scale 0 removes the latent. `patches` = None steers every image
+        token (CLS + patches, as the masking experiment splices); else only the listed (row, col) patches."""
+        model = self.check_model(key)
+        l = self.check_latent(latent)
+        if not (0 <= scale <= 100):
+            raise PatchSAEError(f"scale must be between 0 and 100, not {scale}")
+        e = self.entry(image_id)
+        layout = model.layout()
+        if patches is None:
+            tokens = torch.nonzero(layout.image_token_mask()).flatten()
+        else:
+            rows, cols = layout.grid
+            bad = [p for p in patches if len(p) != 2 or not (0 <= p[0] < rows and 0 <= p[1] < cols)]
+            if bad or not patches:
+                raise PatchSAEError(f"patches must be a non-empty list of [row, col] inside the {rows}x{cols} grid")
+            first = layout.n_cls + layout.n_prompt
+            tokens = torch.tensor(sorted({first + r * cols + c for r, c in patches}))
+        d_D = (self.sae.W_dec[l] / self.sae.input_scale).detach()
+        tokens = tokens.to(model.device)
+
+        def fn(h_BTD: torch.Tensor) -> torch.Tensor:
+            f_BT = self.sae.encode(h_BTD[:, tokens])[..., l]
+            out = h_BTD.clone()
+            out[:, tokens] += (scale - 1.0) * f_BT[..., None] * d_D
+            return out
+
+        with self.lock, torch.no_grad():
+            before = model.image_features(e.pixels_CHW[None])
+            with model.replace_block_output(self.layer, fn):
+                after = model.image_features(e.pixels_CHW[None])
+        return {"image_id": image_id, "latent": l, "scale": scale, "model": key,
+                "tokens": len(tokens), "patches": None if patches is None else [list(p) for p in patches],
+                "original": self.predictions(before, key), "steered": self.predictions(after, key)}
