@@ -1,0 +1,481 @@
+"""The explorer: its JSON API against independent computations, upload safety and path traversal, the two-model
+view with a genuinely different second model, steering, the static report (every link resolves), and the page
+driven in a real headless browser (Debian chromium through Playwright)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import re
+import socket
+import sys
+import threading
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from patchsae import cli
+from patchsae.analysis.analyze import LOW_ENTROPY, AnalyzeOptions, stage_analyze
+from patchsae.data.fashion_mnist import FashionMNIST
+from patchsae.explorer.report import write_report
+from patchsae.explorer.server import create_app
+from patchsae.explorer.session import Explorer, split_common
+from patchsae.models.clip import ClipModel
+from patchsae.run import Run, RunConfig
+from patchsae.sae.checkpoint import save_sae
+from patchsae.sae.model import SAE, SAEConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+# ---- fixtures ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_clip_dir, tmp_path_factory) -> Path:
+    """A run on the tiny CLIP with a random SAE (some latents dead) and `analyze` on 40 test images."""
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_model=32, d_sae=64))
+    with torch.no_grad():
+        sae.b_enc[:4] = -1e4
+    run = Run(tmp_path_factory.mktemp("explorer") / "run")
+    run.init(RunConfig(model=str(tiny_clip_dir)), {})
+    save_sae(run.sae_dir, sae)
+    stage_analyze(run, AnalyzeOptions(max_images=40, batch_size=40, k=5, n_grid=2), progress=False)
+    return run.path
+
+
+def perturbed(clip: ClipModel) -> ClipModel:
+    """A second, genuinely different model of the same architecture (what MaPLe's adapted CLIP stands for)."""
+    hf = copy.deepcopy(clip.hf)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in hf.vision_model.encoder.layers.parameters():
+            p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
+    return ClipModel(hf, clip.tokenizer, clip.preprocess, clip.name + "+perturbed", clip.templates)
+
+
+@pytest.fixture(scope="module")
+def ex(run_dir) -> Explorer:
+    return Explorer(Run(run_dir))
+
+
+@pytest.fixture(scope="module")
+def ex2(run_dir) -> Explorer:
+    return Explorer(Run(run_dir), perturbed)
+
+
+@pytest.fixture(scope="module")
+def client(ex):
+    from fastapi.testclient import TestClient
+
+    return TestClient(create_app(ex, max_upload=200_000))
+
+
+def png_of(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def codes(ex: Explorer, img: Image.Image, key: str = "base") -> torch.Tensor:
+    """Independent f_TS: the hooked block's output at CLS + patch tokens, encoded by the SAE."""
+    model = ex.models[key]
+    with torch.no_grad():
+        h_TD = model.block_output(model.preprocess([img]), ex.layer)[0]
+        return ex.sae.encode(h_TD[model.layout().image_token_mask()])
+
+
+def probs_of(ex: Explorer, emb_1E: torch.Tensor, key: str = "base") -> torch.Tensor:
+    model = ex.models[key]
+    return torch.softmax(model.hf.logit_scale.exp() * model.logits(emb_1E, ex.heads[key])[0], -1)
+
+
+# ---- API ---------------------------------------------------------------------------------------------------
+
+def test_upload_top_latents_patches_and_predictions_match_direct_computation(client, ex):
+    img, label = FashionMNIST("test").load(7)
+    r = client.post("/api/analyze", files={"file": ("shoe.png", png_of(img), "image/png")})
+    assert r.status_code == 200, r.text
+    a = r.json()
+    f_TS = codes(ex, img)
+    vals, ids = f_TS.mean(0).topk(10)
+    got = a["models"]["base"]["top_latents"]
+    assert [g["latent"] for g in got] == [int(i) for i, v in zip(ids, vals) if v > 0]
+    np.testing.assert_allclose([g["activation"] for g in got], vals[: len(got)].numpy(), atol=1e-4)
+    assert got[0]["name"] == ex.name(got[0]["latent"]) != ""
+    assert a["grid"] == [7, 7] and len(a["models"]["base"]["patches"]) == 49
+    p_vals, p_ids = f_TS[1 + 3 * 7 + 5].topk(3)  # patch (3, 5)
+    assert [p["latent"] for p in a["models"]["base"]["patches"][3 * 7 + 5]] == [int(i) for i, v in
+                                                                              zip(p_ids, p_vals) if v > 0]
+    pr = probs_of(ex, ex.models["base"].image_features(ex.models["base"].preprocess([img])))
+    top = pr.topk(5)
+    assert [p["index"] for p in a["models"]["base"]["predictions"]] == top.indices.tolist()
+    np.testing.assert_allclose([p["prob"] for p in a["models"]["base"]["predictions"]], top.values.numpy(), atol=1e-4)
+    # the same image picked from the dataset gives the same answer, and carries its label
+    d = client.post("/api/analyze/dataset/7").json()
+    assert d["image_id"] == "ds-7" and d["label"] == ex.class_names[label]
+    assert d["models"]["base"]["top_latents"] == got
+
+
+def test_patch_endpoint_ranks_one_patch(client, ex):
+    img, _ = FashionMNIST("test").load(3)
+    f_TS = codes(ex, img)
+    client.post("/api/analyze/dataset/3")
+    r = client.get("/api/images/ds-3/patch", params={"row": 6, "col": 0, "n": 4})
+    vals, ids = f_TS[1 + 6 * 7 + 0].topk(4)
+    assert [x["latent"] for x in r.json()["models"]["base"]["top_latents"]] == [int(i) for i, v in zip(ids, vals)
+                                                                                 if v > 0]
+    bad = client.get("/api/images/ds-3/patch", params={"row": 7, "col": 0})
+    assert bad.status_code == 400 and "outside the 7x7 grid" in bad.json()["error"]
+
+
+def test_latent_endpoint_serves_the_analysis(client, ex, run_dir):
+    from safetensors.torch import load_file
+
+    t = load_file(str(run_dir / "analysis" / "stats.safetensors"))
+    l = int(torch.argmax(t["frequency_S"] * (t["fired_S"] > 0)))
+    d = client.get(f"/api/latents/{l}").json()
+    assert d["frequency"] == pytest.approx(float(t["frequency_S"][l]), abs=1e-6)
+    assert d["mean_activation"] == pytest.approx(float(t["mean_act_S"][l]), abs=1e-4)
+    assert d["entropy"] == pytest.approx(float(t["entropy_S"][l]), abs=1e-4)
+    assert [c["count"] for c in d["class_counts"]] == t["class_counts_CS"][:, l].tolist()
+    assert [r["index"] for r in d["references"]] == [int(i) for i in t["top_index_SK"][l] if i >= 0]
+    assert len(d["references"]) > 0 and d["analysed_images"] == 40
+    vocab = json.loads((run_dir / "analysis" / "manifest.json").read_text())["naming"]["vocabulary"]
+    assert d["names"][0]["name"] == vocab[int(t["name_index_SN"][l, 0])]
+    for bad in (64, -1):
+        r = client.get(f"/api/latents/{bad}")
+        assert r.status_code == 400 and "does not exist" in r.json()["error"]
+
+
+def test_images_heatmaps_and_segmentations(client, ex):
+    client.post("/api/analyze/dataset/2")
+    l = client.post("/api/analyze/dataset/2").json()["models"]["base"]["top_latents"][0]["latent"]
+    pics = {}
+    for kind in ("image", "heatmap", "segmentation"):
+        r = client.get("/api/images/ds-2/image.png", params={"latent": l, "kind": kind})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        pics[kind] = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), dtype=float)
+        assert pics[kind].shape == (224, 224, 3)
+    assert np.abs(pics["heatmap"] - pics["image"]).mean() > 5
+    assert pics["segmentation"].mean() <= pics["image"].mean() + 1  # the image times a map in [0, 1]
+    assert client.get("/api/images/ds-2/image.png", params={"kind": "blur", "latent": l}).status_code == 400
+    assert client.get("/api/images/ds-2/image.png", params={"kind": "heatmap"}).status_code == 400
+    r = client.get("/api/images/0123456789abcdef/image.png")
+    assert r.status_code == 404 and "unknown image id" in r.json()["error"]
+
+
+def test_search_and_browse(client, ex):
+    browse = client.get("/api/latents", params={"limit": 1000}).json()["latents"]
+    ids = [r["latent"] for r in browse]
+    assert 0 not in ids  # dead latents (0..3) are not browsed
+    low = [r["entropy"] < LOW_ENTROPY for r in browse]
+    assert low == sorted(low, reverse=True)  # low-entropy latents first
+    for part in (True, False):
+        freqs = [r["frequency"] for r in browse if (r["entropy"] < LOW_ENTROPY) == part]
+        assert freqs == sorted(freqs, reverse=True)
+    assert client.get("/api/latents", params={"q": "17"}).json()["latents"][0]["latent"] == 17
+    name = ex.name(ids[0])
+    hits = client.get("/api/latents", params={"q": name.upper(), "limit": 1000}).json()
+    assert hits["total"] >= 1 and ids[0] in [r["latent"] for r in hits["latents"]]
+    assert all(any(name in n.lower() for n, _ in ex.names[r["latent"]]) for r in hits["latents"])
+    assert client.get("/api/latents", params={"q": "no such concept"}).json()["total"] == 0
+
+
+def test_class_latents_follow_class_counts(client, ex):
+    r = client.get("/api/classes/4", params={"n": 5}).json()
+    counts = ex.stats["class_counts_CS"][4]
+    assert [x["count"] for x in r["latents"]] == counts.topk(5).values[: len(r["latents"])].tolist()
+    assert r["class"] == ex.class_names[4]
+    assert client.get("/api/classes/10").status_code == 400
+
+
+def test_steering_matches_splicing_by_hand(client, ex):
+    img, _ = FashionMNIST("test").load(5)
+    client.post("/api/analyze/dataset/5")
+    model = ex.models["base"]
+    f_TS = codes(ex, img)
+    l = int(f_TS.mean(0).argmax())
+    same = client.post("/api/steer", json={"image_id": "ds-5", "latent": l, "scale": 1.0}).json()
+    assert same["steered"] == same["original"] and same["tokens"] == 50
+    d_D = ex.sae.W_dec[l] / ex.sae.input_scale
+    h_1TD = model.block_output(model.preprocess([img]), ex.layer)
+    for scale, patches in ((0.0, None), (4.0, [[2, 3], [5, 5]])):
+        r = client.post("/api/steer", json={"image_id": "ds-5", "latent": l, "scale": scale, "patches": patches})
+        assert r.status_code == 200, r.text
+        toks = list(range(50)) if patches is None else [1 + 2 * 7 + 3, 1 + 5 * 7 + 5]
+        h = h_1TD.clone()
+        h[0, toks] += (scale - 1) * f_TS[toks, l, None] * d_D
+        want = probs_of(ex, model.finish_from(h, ex.layer)).topk(5)
+        got = r.json()["steered"]
+        assert [p["index"] for p in got] == want.indices.tolist()
+        np.testing.assert_allclose([p["prob"] for p in got], want.values.numpy(), atol=1e-4)
+        assert got != r.json()["original"]
+    for bad in ({"patches": [[9, 0]]}, {"patches": []}, {"scale": -1}, {"latent": 99}, {"model": "adapted"}):
+        body = {"image_id": "ds-5", "latent": l, "scale": 2.0, **bad}
+        r = client.post("/api/steer", json=body)
+        assert r.status_code == 400 and r.json()["error"], bad
+
+
+def test_bad_uploads_get_a_4xx_with_a_message(client):
+    cases = [
+        (("notes.txt", b"just some text", "text/plain"), 415, "not an image"),
+        (("fake.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 50, "image/png"), 415, "not an image"),
+        (("empty.png", b"", "image/png"), 415, "empty"),
+    ]
+    for file, status, words in cases:
+        r = client.post("/api/analyze", files={"file": file})
+        assert r.status_code == status and words in r.json()["error"], r.text
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8))
+    big = png_of(noise)
+    assert len(big) > 200_000
+    r = client.post("/api/analyze", files={"file": ("big.png", big, "image/png")})
+    assert r.status_code == 413 and "200,000 bytes" in r.json()["error"]
+    chunks = iter([b"x" * 50_000] * 10)  # no Content-Length: counted as it arrives
+    r = client.post("/api/analyze", content=chunks, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413
+    r = client.post("/api/analyze", data={"path": "/etc/passwd"})
+    assert r.status_code == 422 and "file" in r.json()["error"]
+
+
+def test_no_path_traversal(client, run_dir):
+    assert client.get("/api/figures/latent_scatter.png").status_code == 200
+    for url in ["/static/%2e%2e/session.py", "/static/..%2fsession.py", "/static/%2e%2e/%2e%2e/cli.py",
+                "/api/figures/..%2Fconfig.json", "/api/figures/%2e%2e%2fanalysis%2fmanifest.json",
+                "/api/figures/config.json", "/api/images/..%2F..%2Fconfig.json/image.png",
+                "/api/images/ds-1%2F..%2F..%2Fconfig.json/image.png", f"/static/{run_dir}/config.json"]:
+        r = client.get(url)
+        assert r.status_code == 404, url
+        assert '"model"' not in r.text and "import" not in r.text, url
+    assert client.get("/static/app.js").status_code == 200
+    assert "patchsae explorer" in client.get("/").text
+
+
+def test_info_describes_the_run(client, ex):
+    i = client.get("/api/info").json()
+    assert i["d_sae"] == 64 and i["grid"] == [7, 7] and i["class_names"][0] == "t-shirt"
+    assert i["alive_latents"] == 60 and not i["adapted"] and "latent_scatter.png" in i["figures"]
+
+
+# ---- two models --------------------------------------------------------------------------------------------
+
+def test_split_common():
+    assert split_common([5, 1, 7], [7, 2, 5, 9]) == {"common": [5, 7], "base_only": [1], "adapted_only": [2, 9]}
+
+
+def test_two_model_view_reads_both_models(ex2):
+    from fastapi.testclient import TestClient
+
+    c = TestClient(create_app(ex2))
+    img, _ = FashionMNIST("test").load(11)
+    a = c.post("/api/analyze", files={"file": ("x.png", png_of(img), "image/png")}).json()
+    lists = {}
+    for key in ("base", "adapted"):
+        vals, ids = codes(ex2, img, key).mean(0).topk(10)
+        lists[key] = [int(i) for i, v in zip(ids, vals) if v > 0]
+        assert [r["latent"] for r in a["models"][key]["top_latents"]] == lists[key]
+    assert lists["base"] != lists["adapted"]  # the second model is genuinely different
+    g = a["groups"]
+    assert g == split_common(lists["base"], lists["adapted"])
+    assert sorted(g["common"] + g["base_only"]) == sorted(lists["base"])
+    assert sorted(g["common"] + g["adapted_only"]) == sorted(lists["adapted"])
+    iid, l = a["image_id"], lists["base"][0]
+    maps = [c.get(f"/api/images/{iid}/image.png", params={"latent": l, "kind": "heatmap", "model": m}).content
+            for m in ("base", "adapted")]
+    assert maps[0] != maps[1]
+    p = c.get(f"/api/images/{iid}/patch", params={"row": 1, "col": 1}).json()
+    assert set(p["models"]) == {"base", "adapted"}
+    r = c.post("/api/steer", json={"image_id": iid, "latent": l, "scale": 1.0, "model": "adapted"}).json()
+    assert r["steered"] == r["original"] and r["model"] == "adapted"
+    assert c.get("/api/info").json()["adapted_model"].endswith("+perturbed")
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+
+def test_serve_needs_analysis_and_maple(tmp_path, run_dir, capsys, monkeypatch):
+    bare = tmp_path / "bare"  # the same run without its analysis/
+    bare.mkdir()
+    (bare / "config.json").write_bytes((Path(run_dir) / "config.json").read_bytes())
+    (bare / "sae").symlink_to(Path(run_dir) / "sae")
+    assert cli.main(["serve", "--run", str(bare)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"patchsae analyze --run {bare}" in err
+    monkeypatch.setitem(sys.modules, "patchsae.models.maple", None)
+    assert cli.main(["report", "--run", str(run_dir), "--out", str(tmp_path / "s"), "--adapted", "p.pt"]) == 2
+    assert "patchsae.models.maple" in capsys.readouterr().err
+
+
+# ---- static report -----------------------------------------------------------------------------------------
+
+class Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links = []
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [v for k, v in attrs if k in ("href", "src") and v]
+
+
+def local_links(site: Path) -> dict[Path, list[str]]:
+    out = {}
+    for page in site.rglob("*.html"):
+        p = Links()
+        p.feed(page.read_text())
+        out[page] = p.links
+    return out
+
+
+@pytest.fixture(scope="module")
+def site(ex, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "site"
+    info = write_report(ex, out, top=4)
+    assert info["class_pages"] == 10 and info["latent_pages"] >= 4
+    return out
+
+
+def test_report_links_resolve_and_data_matches(site, ex):
+    pages = local_links(site)
+    assert len(pages) == 1 + 10 + len(list((site / "latents").glob("*.html")))
+    n = 0
+    for page, links in pages.items():
+        for link in links:
+            if link.startswith("data:"):
+                continue
+            assert not urlparse(link).scheme and not link.startswith("/"), (page, link)  # relative only
+            target = (page.parent / unquote(link.split("#")[0])).resolve()
+            assert target.is_file() and site.resolve() in target.parents, (page, link)
+            n += 1
+    assert n > 100
+    data = json.loads((site / "data" / "latents.json").read_text())
+    for d in data["latents"][:3]:
+        want = ex.latent(d["latent"])
+        assert [r["index"] for r in d["references"]] == [r["index"] for r in want["references"]]
+        assert d["frequency"] == want["frequency"]
+    assert [d["latent"] for d in data["latents"][:4]] == ex.order[:4]
+
+
+def test_report_refuses_to_overwrite_a_foreign_folder(ex, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(Exception, match="not a patchsae report"):
+        write_report(ex, tmp_path / "mine", top=2)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+# ---- in a real browser -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(ex):
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(ex, max_upload=200_000), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    deadline = time.time() + 20
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    t.join(10)
+
+
+def all_images_loaded(page) -> bool:
+    return page.evaluate("Array.from(document.images).filter(i => i.src).every(i => i.complete && i.naturalWidth > 0)")
+
+
+def test_browser_upload_click_patch_select_latent_steer(browser, server, ex, tmp_path):
+    img, _ = FashionMNIST("test").load(9)
+    (tmp_path / "x.png").write_bytes(png_of(img))
+    (tmp_path / "notes.txt").write_text("not an image")
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server + "/")
+    page.wait_for_selector("body[data-ready='1']")
+    page.wait_for_selector("#latent-list .item")
+
+    page.set_input_files("#file", str(tmp_path / "x.png"))
+    page.wait_for_selector("#image-latents .bar")
+    first = int(page.get_attribute("#image-latents .bar >> nth=0", "data-latent"))
+    assert first == int(codes(ex, img).mean(0).argmax())
+    assert page.locator("#predictions tr").count() == 5
+
+    box = page.locator("#grid").bounding_box()  # click patch (row 2, col 4) of the 7x7 grid
+    page.mouse.click(box["x"] + box["width"] * 4.5 / 7, box["y"] + box["height"] * 2.5 / 7)
+    page.wait_for_selector("#patch-latents .bar")
+    assert page.inner_text("#patch-title") == "Patch (row 2, col 4)"
+    p_top = int(page.get_attribute("#patch-latents .bar >> nth=0", "data-latent"))
+    assert p_top == int(codes(ex, img)[1 + 2 * 7 + 4].argmax())
+
+    page.click("#patch-latents .bar >> nth=0")
+    page.wait_for_selector("#references img")
+    assert page.inner_text("#latent-title").startswith(f"Latent #{p_top}")
+    n_refs = len(ex.latent(p_top)["references"])
+    assert page.locator("#references img").count() == n_refs > 0
+    page.wait_for_function("Array.from(document.querySelectorAll('#references img, .heatmaps img'))"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+    page.check("input[name=view][value=heatmap]")
+    page.wait_for_function("document.querySelector('#main-img').src.includes('kind=heatmap')")
+
+    page.check("input[name=steer-where][value=patches]")
+    page.fill("#steer-scale", "0")
+    page.click("#steer-run")
+    page.wait_for_selector("#steer-result table")
+    assert "on 1 tokens" in page.inner_text("#steer-result")
+
+    page.set_input_files("#file", str(tmp_path / "notes.txt"))
+    page.wait_for_selector("#error:not([hidden])")
+    assert "not an image" in page.inner_text("#error")
+    page.fill("#search", str(first))
+    page.wait_for_function(f"document.querySelector('#latent-list .item')?.dataset.latent === '{first}'")
+    page.fill("#ds-index", "3")
+    page.click("#ds-load")
+    page.wait_for_function("document.querySelector('#image-desc').textContent.includes('[3]')")
+    assert page.is_hidden("#error")
+    assert all_images_loaded(page) and not errors
+    page.close()
+
+
+def test_browser_report_pages_load(browser, site):
+    page = browser.new_page()
+    failed = []
+    page.on("requestfailed", lambda r: failed.append(r.url))
+    page.on("response", lambda r: failed.append(r.url) if r.status >= 400 else None)
+    page.goto((site / "index.html").as_uri())
+    assert page.locator("table a").count() >= 4 and all_images_loaded(page)
+    page.click("table a >> nth=0")
+    page.wait_for_selector(".refs img")
+    assert re.search(r"latents/\d+\.html$", page.url) and all_images_loaded(page)
+    page.click(".counts a >> nth=0")
+    assert page.url.endswith("classes/0.html") and all_images_loaded(page)
+    for p in sorted(site.rglob("*.html")):
+        page.goto(p.as_uri())
+        assert all_images_loaded(page), p
+    assert not failed
+    page.close()
