@@ -27,7 +27,7 @@ from patchsae.data.fashion_mnist import FashionMNIST
 from patchsae.explorer.report import write_report
 from patchsae.explorer.server import create_app
 from patchsae.explorer.session import Explorer, split_common
-from patchsae.models.clip import ClipModel
+from patchsae.models.clip import ClipModel, TokenLayout
 from patchsae.run import Run, RunConfig
 from patchsae.sae.checkpoint import save_sae
 from patchsae.sae.model import SAE, SAEConfig
@@ -55,14 +55,27 @@ def run_dir(tiny_clip_dir, tmp_path_factory) -> Path:
     return run.path
 
 
-def perturbed(clip: ClipModel) -> ClipModel:
-    """A second, genuinely different model of the same architecture (what MaPLe's adapted CLIP stands for)."""
-    hf = copy.deepcopy(clip.hf)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in hf.vision_model.encoder.layers.parameters():
-            p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
-    return ClipModel(hf, clip.tokenizer, clip.preprocess, clip.name + "+perturbed", clip.templates)
+class Prompted(ClipModel):
+    """A second, genuinely different model of the kind MaPLe makes: perturbed vision weights and two visual
+    prompt tokens inserted after CLS (so the token layout has n_prompt = 2 between CLS and the patches)."""
+
+    def __init__(self, clip: ClipModel):
+        hf = copy.deepcopy(clip.hf)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in hf.vision_model.encoder.layers.parameters():
+                p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
+        super().__init__(hf, clip.tokenizer, clip.preprocess, clip.name + "+perturbed", clip.templates)
+        self.prompt_2D = torch.randn(2, self.d_model, generator=g)
+
+    def layout(self):
+        base = super().layout()
+        return TokenLayout(base.n_cls, 2, base.grid)
+
+    def _embed(self, pixels_BCHW):
+        h_BTD = self.vision.embeddings(pixels_BCHW.to(self.device))
+        p_BND = self.prompt_2D.expand(len(h_BTD), -1, -1)
+        return self.vision.pre_layrnorm(torch.cat([h_BTD[:, :1], p_BND, h_BTD[:, 1:]], 1))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +85,7 @@ def ex(run_dir) -> Explorer:
 
 @pytest.fixture(scope="module")
 def ex2(run_dir) -> Explorer:
-    return Explorer(Run(run_dir), perturbed)
+    return Explorer(Run(run_dir), Prompted)
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +310,18 @@ def test_two_model_view_reads_both_models(ex2):
     p = c.get(f"/api/images/{iid}/patch", params={"row": 1, "col": 1}).json()
     assert set(p["models"]) == {"base", "adapted"}
     r = c.post("/api/steer", json={"image_id": iid, "latent": l, "scale": 1.0, "model": "adapted"}).json()
-    assert r["steered"] == r["original"] and r["model"] == "adapted"
+    assert r["steered"] == r["original"] and r["model"] == "adapted" and r["tokens"] == 50
+    # steering one patch of the adapted model: its token sits after CLS and the 2 prompt tokens
+    model, f_TS = ex2.models["adapted"], codes(ex2, img, "adapted")
+    l = int(f_TS[1 + 4 * 7 + 2].argmax())
+    r = c.post("/api/steer", json={"image_id": iid, "latent": l, "scale": 0.0, "patches": [[4, 2]],
+                                   "model": "adapted"}).json()
+    h = model.block_output(model.preprocess([img]), ex2.layer)
+    assert h.shape[1] == 52
+    h[0, 3 + 4 * 7 + 2] -= f_TS[1 + 4 * 7 + 2, l] * ex2.sae.W_dec[l] / ex2.sae.input_scale
+    want = probs_of(ex2, model.finish_from(h, ex2.layer), "adapted").topk(5)
+    np.testing.assert_allclose([p["prob"] for p in r["steered"]], want.values.numpy(), atol=1e-4)
+    assert r["steered"] != r["original"]
     assert c.get("/api/info").json()["adapted_model"].endswith("+perturbed")
 
 
