@@ -314,14 +314,16 @@ def test_two_model_view_reads_both_models(ex2):
     # steering one patch of the adapted model: its token sits after CLS and the 2 prompt tokens
     model, f_TS = ex2.models["adapted"], codes(ex2, img, "adapted")
     l = int(f_TS[1 + 4 * 7 + 2].argmax())
-    r = c.post("/api/steer", json={"image_id": iid, "latent": l, "scale": 0.0, "patches": [[4, 2]],
+    r = c.post("/api/steer", json={"image_id": iid, "latent": l, "scale": 30.0, "patches": [[4, 2]],
                                    "model": "adapted"}).json()
     h = model.block_output(model.preprocess([img]), ex2.layer)
     assert h.shape[1] == 52
-    h[0, 3 + 4 * 7 + 2] -= f_TS[1 + 4 * 7 + 2, l] * ex2.sae.W_dec[l] / ex2.sae.input_scale
+    h[0, 3 + 4 * 7 + 2] += 29 * f_TS[1 + 4 * 7 + 2, l] * ex2.sae.W_dec[l] / ex2.sae.input_scale
     want = probs_of(ex2, model.finish_from(h, ex2.layer), "adapted").topk(5)
+    assert [p["index"] for p in r["steered"]] == want.indices.tolist()
     np.testing.assert_allclose([p["prob"] for p in r["steered"]], want.values.numpy(), atol=1e-4)
-    assert r["steered"] != r["original"]
+    before = {p["index"]: p["prob"] for p in r["original"]}
+    assert max(abs(p["prob"] - before.get(p["index"], 0)) for p in r["steered"]) > 3e-4  # a change beyond the tolerance
     assert c.get("/api/info").json()["adapted_model"].endswith("+perturbed")
 
 
