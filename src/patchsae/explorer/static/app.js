@@ -41,7 +41,8 @@ function bars(rows, opts = {}) {
     const w = max > 0 ? (100 * r.activation / max).toFixed(1) : 0;
     const sel = r.latent === state.latent ? " selected" : "";
     return `<div class="bar${sel}" data-latent="${r.latent}" title="latent ${r.latent}">` +
-      `<span>#${r.latent}</span><div class="fill" style="width:${w}%"><span class="label">${esc(r.name || "")}</span></div>` +
+      `<span>#${r.latent}</span><span class="name">${esc(r.name || "")}</span>` +
+      `<div class="track"><div class="fill" style="width:${w}%"></div></div>` +
       `<span class="val">${r.activation.toFixed(3)}</span></div>`;
   }).join("") + "</div>";
 }
@@ -127,7 +128,7 @@ async function clickPatch(ev) {
   state.lastPatch = [row, col];
   drawGrid();
   updateSteerButton();
-  const p = await api(`/api/images/${state.image.image_id}/patch?row=${row}&col=${col}`);
+  const p = await api(`/api/images/${state.image.image_id}/patch?row=${row}&col=${col}&n=6`);
   $("#patch-title").textContent = `Patch (row ${row}, col ${col})`;
   $("#patch-latents").innerHTML = Object.entries(p.models).map(([m, v]) =>
     (Object.keys(p.models).length > 1 ? `<h3>${m}</h3>` : "") + bars(v.top_latents)).join("");
