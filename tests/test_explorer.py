@@ -370,6 +370,23 @@ def site(ex, tmp_path_factory) -> Path:
     return out
 
 
+def test_serve_and_report_commands(run_dir, tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    assert cli.main(["serve", "--run", str(run_dir)]) == 0
+    assert seen["host"] == "127.0.0.1" and seen["port"] == 7860 and seen["app"].limit == 10 * 2**20
+    assert "http://127.0.0.1:7860/" in capsys.readouterr().out
+    assert cli.main(["serve", "--run", str(run_dir), "--port", "9001", "--max-upload-mb", "0"]) == 2
+    out = tmp_path / "site"
+    assert cli.main(["report", "--run", str(run_dir), "--out", str(out), "--top", "2"]) == 0
+    assert f"{out / 'index.html'}" in capsys.readouterr().out and (out / "latents").is_dir()
+    old = set((out / "latents").iterdir())
+    assert cli.main(["report", "--run", str(run_dir), "--out", str(out), "--top", "3"]) == 0  # replaced
+    assert len(set((out / "latents").iterdir())) >= len(old) and not list(tmp_path.glob(".site*"))
+
+
 def test_report_links_resolve_and_data_matches(site, ex):
     pages = local_links(site)
     assert len(pages) == 1 + 10 + len(list((site / "latents").glob("*.html")))
@@ -432,7 +449,10 @@ def server(ex):
 
 
 def all_images_loaded(page) -> bool:
-    return page.evaluate("Array.from(document.images).filter(i => i.src).every(i => i.complete && i.naturalWidth > 0)")
+    """Waits (up to 10 s) until every image with a src has loaded and decoded; a broken one never does."""
+    page.wait_for_function("Array.from(document.images).filter(i => i.src)"
+                           ".every(i => i.complete && i.naturalWidth > 0)", timeout=10_000)
+    return True
 
 
 def test_browser_upload_click_patch_select_latent_steer(browser, server, ex, tmp_path):

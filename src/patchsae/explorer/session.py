@@ -187,22 +187,28 @@ class Explorer:
         return self.models[key]
 
     # ---- images -------------------------------------------------------------------------------------------
-    def _add(self, image_id: str, img: Image.Image, label: int | None, desc: str) -> str:
+    def _add(self, image_id: str, pixels_CHW: torch.Tensor | None, label: int | None, desc: str) -> str:
+        """Remember an image (or touch one already known) with its SAE codes under every model."""
         with self.lock:
             if image_id not in self._images:
-                pixels = self.models["base"].preprocess([img])[0]
-                entry = ImageEntry(pixels, label, desc)
+                entry = ImageEntry(pixels_CHW, label, desc)
                 for key, model in self.models.items():
-                    entry.f_TS[key] = patch_maps.image_activations(model, self.sae, pixels, self.layer)
+                    entry.f_TS[key] = patch_maps.image_activations(model, self.sae, pixels_CHW, self.layer)
                 self._images[image_id] = entry
             self._images.move_to_end(image_id)
             while len(self._images) > self._max_images:
                 self._images.popitem(last=False)
         return image_id
 
+    def _pixels(self, img: Image.Image, what: str) -> torch.Tensor:
+        try:
+            return self.models["base"].preprocess([img])[0]
+        except Exception as exc:  # noqa: BLE001 - odd modes or sizes PIL cannot convert: a bad image, not a crash
+            raise NotAnImage(f"{what} cannot be converted to the model's input ({type(exc).__name__}: {exc})") from None
+
     def add_upload(self, data: bytes, filename: str = "upload") -> str:
         img = decode_upload(data)
-        return self._add(secrets.token_hex(8), img, None, filename[:80])
+        return self._add(secrets.token_hex(8), self._pixels(img, "the uploaded image"), None, filename[:80])
 
     def add_dataset(self, index: int) -> str:
         if self.ds is None:
@@ -212,8 +218,12 @@ class Explorer:
         image_id = f"ds-{index}"
         if image_id in self._images:
             return self._add(image_id, None, None, "")
-        img, label = self.ds.load(index)
-        return self._add(image_id, img, int(label), f"{self.ds.name}/{self.ds.split}[{index}]")
+        try:
+            img, label = self.ds.load(index)
+        except Exception as exc:  # noqa: BLE001 - one unreadable file of the dataset
+            raise PatchSAEError(f"cannot read image {index} of {self.ds.name}/{self.ds.split}: {exc}") from None
+        return self._add(image_id, self._pixels(img, f"image {index}"), int(label),
+                         f"{self.ds.name}/{self.ds.split}[{index}]")
 
     def entry(self, image_id: str) -> ImageEntry:
         with self.lock:
