@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from patchsae import cli
+from patchsae import PatchSAEError, cli
 from patchsae.analysis.analyze import LOW_ENTROPY, AnalyzeOptions, stage_analyze
 from patchsae.data.fashion_mnist import FashionMNIST
 from patchsae.explorer.report import write_report
@@ -411,7 +411,7 @@ def test_report_links_resolve_and_data_matches(site, ex):
 def test_report_refuses_to_overwrite_a_foreign_folder(ex, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    with pytest.raises(Exception, match="not a patchsae report"):
+    with pytest.raises(PatchSAEError, match="not a patchsae report"):
         write_report(ex, tmp_path / "mine", top=2)
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 

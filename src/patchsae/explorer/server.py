@@ -7,6 +7,7 @@ name from the run's figures folder, and static files come from the package's own
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -38,14 +39,15 @@ class LimitUploads:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > cap:
             return await _json_response(send, 413, self.message())
-        body, more = [], True
+        body, size, more = [], 0, True
         while more:
             msg = await receive()
-            if msg["type"] != "http.request":
+            if msg["type"] != "http.request":  # the client went away
                 return
             body.append(msg.get("body", b""))
+            size += len(body[-1])
             more = msg.get("more_body", False)
-            if sum(map(len, body)) > cap:
+            if size > cap:
                 return await _json_response(send, 413, self.message())
         replayed = False
 
@@ -67,8 +69,6 @@ def too_large(limit: int) -> str:
 
 
 async def _json_response(send, status: int, message: str) -> None:
-    import json
-
     body = json.dumps({"error": message}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
