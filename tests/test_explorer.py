@@ -428,14 +428,14 @@ def browser():
         b.close()
 
 
-@pytest.fixture(scope="module")
-def server(ex):
+def start_server(explorer: Explorer):
+    """The app under uvicorn on a free local port, in a thread; returns (url, stop)."""
     import uvicorn
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(ex, max_upload=200_000), host="127.0.0.1", port=port,
+    srv = uvicorn.Server(uvicorn.Config(create_app(explorer, max_upload=200_000), host="127.0.0.1", port=port,
                                         log_level="warning"))
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()
@@ -443,9 +443,19 @@ def server(ex):
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    t.join(10)
+
+    def stop():
+        srv.should_exit = True
+        t.join(10)
+
+    return f"http://127.0.0.1:{port}", stop
+
+
+@pytest.fixture(scope="module")
+def server(ex):
+    url, stop = start_server(ex)
+    yield url
+    stop()
 
 
 def all_images_loaded(page) -> bool:
@@ -525,3 +535,27 @@ def test_browser_report_pages_load(browser, site):
         assert all_images_loaded(page), p
     assert not failed
     page.close()
+
+
+def test_browser_two_model_view(browser, ex2):
+    url, stop = start_server(ex2)
+    try:
+        page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready='1']")
+        page.fill("#ds-index", "11")
+        page.click("#ds-load")
+        page.wait_for_selector("#image-latents .group")
+        heads = page.locator("#image-latents .group h3").all_inner_texts()
+        assert [h.split(" (")[0] for h in heads] == ["common", "base only", "adapted only"]
+        a = ex2.analyze("ds-11")
+        assert heads == [f"common ({len(a['groups']['common'])})", f"base only ({len(a['groups']['base_only'])})",
+                         f"adapted only ({len(a['groups']['adapted_only'])})"]
+        assert page.locator("#predictions table").count() == 2
+        page.click("#image-latents .bar >> nth=0")
+        page.wait_for_selector(".heatmaps img[data-model=adapted]")
+        assert page.locator(".heatmaps img").count() == 4  # heatmap + segmentation, for each model
+        assert all_images_loaded(page)
+        page.close()
+    finally:
+        stop()
