@@ -275,6 +275,17 @@ def test_no_path_traversal(client, run_dir):
     assert "patchsae explorer" in client.get("/").text
 
 
+def test_image_memory_is_bounded(run_dir):
+    small = Explorer(Run(run_dir), max_images=5, max_bytes=3 * (50 * 64 + 3 * 28 * 28) * 4)
+    for i in range(6):
+        small.add_dataset(i)
+    assert list(small._images) == ["ds-3", "ds-4", "ds-5"]  # the byte budget holds three
+    small.entry("ds-0")  # a forgotten dataset image is recomputed on demand
+    assert list(small._images) == ["ds-4", "ds-5", "ds-0"]
+    with pytest.raises(KeyError):
+        small.entry("0123456789abcdef")
+
+
 def test_info_describes_the_run(client, ex):
     i = client.get("/api/info").json()
     assert i["d_sae"] == 64 and i["grid"] == [7, 7] and i["class_names"][0] == "t-shirt"

@@ -232,9 +232,9 @@ def cmd_serve(args):
 def cmd_report(args):
     from patchsae.explorer.report import write_report
 
-    if args.top < 1:
-        raise PatchSAEError(f"--top must be at least 1, not {args.top}")
-    info = write_report(_open_explorer(args), args.out, args.top)
+    if args.top < 1 or args.class_top < 0:
+        raise PatchSAEError(f"--top must be at least 1 and --class-top at least 0, not {args.top}, {args.class_top}")
+    info = write_report(_open_explorer(args), args.out, args.top, args.class_top)
     print(f"wrote {info['latent_pages']} latent pages, {info['class_pages']} class pages and "
           f"{info['images']} images to {args.out}; open {info['index']}")
 
@@ -250,7 +250,9 @@ def _add_explorer_options(p: argparse.ArgumentParser, name: str) -> None:
     else:
         p.add_argument("--out", required=True, help="folder for the static site (created; files replaced)")
         p.add_argument("--top", type=int, default=50, help="latents with their own page, most interpretable "
-                       "first (50); each class's top latents are added")
+                       "first (50)")
+        p.add_argument("--class-top", type=int, default=5, help="each class's top latents by class-level count, "
+                       "which get pages too (5)")
 
 
 def build_parser() -> argparse.ArgumentParser:

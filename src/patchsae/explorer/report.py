@@ -23,7 +23,7 @@ from patchsae import PatchSAEError
 from patchsae.explorer.session import STATIC_DIR, Explorer
 
 THUMB = 112  # pixels per side of the report's reference images
-CLASS_TOP = 10
+MAX_CLASS_BARS = 30  # a latent page shows the classes with the largest counts, at most this many
 
 
 def _page(title: str, body: str, depth: int) -> str:
@@ -53,8 +53,9 @@ def _latent_row(s: dict, href: str, extra: str = "") -> str:
 LATENT_HEAD = "<tr><th>latent</th><th>name</th><th>frequency</th><th>mean act.</th><th>entropy (nats)</th>"
 
 
-def write_report(ex: Explorer, out: str | Path, top: int = 50) -> dict:
-    """Write the site; returns counts and the index path."""
+def write_report(ex: Explorer, out: str | Path, top: int = 50, class_top: int = 5) -> dict:
+    """Write the site: pages for the `top` most interpretable latents and for each class's `class_top` latents
+    (by class-level count); returns counts and the index path."""
     if ex.ds is None:
         raise PatchSAEError(f"the report needs the run's dataset for reference images: {ex.ds_error}")
     out = Path(out)
@@ -63,7 +64,7 @@ def write_report(ex: Explorer, out: str | Path, top: int = 50) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        info = _write(ex, tmp, top)
+        info = _write(ex, tmp, top, class_top)
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -77,7 +78,7 @@ def write_report(ex: Explorer, out: str | Path, top: int = 50) -> dict:
     return {**info, "index": str(out / "index.html")}
 
 
-def _write(ex: Explorer, site: Path, top: int) -> dict:
+def _write(ex: Explorer, site: Path, top: int, class_top: int) -> dict:
     for sub in ("latents", "classes", "img", "figures", "data"):
         (site / sub).mkdir()
     shutil.copy(STATIC_DIR / "style.css", site / "style.css")
@@ -85,7 +86,7 @@ def _write(ex: Explorer, site: Path, top: int) -> dict:
         f.write("\n.page { padding: 1em; max-width: 1100px; }\n.page a { color: #1f5fa0; }\n"
                 ".page table { width: auto; }\n.figs img { max-width: 48%; }\n")
 
-    classes = [ex.class_latents(c, CLASS_TOP) for c in range(len(ex.class_names))]
+    classes = [ex.class_latents(c, class_top) for c in range(len(ex.class_names))]
     chosen = list(ex.order[:top])
     chosen += [r["latent"] for c in classes for r in c["latents"] if r["latent"] not in set(chosen)]
     chosen = list(dict.fromkeys(chosen))
@@ -107,7 +108,7 @@ def _write(ex: Explorer, site: Path, top: int) -> dict:
         shutil.copy(p, site / "figures" / p.name)
     (site / "data" / "latents.json").write_text(json.dumps({"info": ex.info(), "latents": list(details.values())}))
     (site / "data" / "classes.json").write_text(json.dumps(classes))
-    (site / "index.html").write_text(_index_page(ex, chosen, classes, figures, top))
+    (site / "index.html").write_text(_index_page(ex, chosen, classes, figures, top, class_top))
     return {"latent_pages": len(chosen), "class_pages": len(classes), "images": n_img + len(figures)}
 
 
@@ -119,7 +120,11 @@ def _latent_page(ex: Explorer, d: dict) -> str:
              f'<tr><th>label entropy</th><td>{d["entropy"]:.3f} nats{" (low)" if d["low_entropy"] else ""}</td></tr>'
              f'<tr><th>majority label</th><td>{escape(d["majority"] or "—")}</td></tr>'
              f'<tr><th>dataset-level count</th><td>{d["dataset_count"]}</td></tr></table>')
-    counts = _bars([(c["class"], c["count"], f"../classes/{i}.html") for i, c in enumerate(d["class_counts"])])
+    cc = d["class_counts"]
+    shown = sorted(sorted(range(len(cc)), key=lambda i: -cc[i]["count"])[:MAX_CLASS_BARS])  # in class order
+    counts = _bars([(cc[i]["class"], cc[i]["count"], f"../classes/{i}.html") for i in shown])
+    if len(cc) > MAX_CLASS_BARS:
+        counts = f"<p>The {MAX_CLASS_BARS} classes with the largest counts, of {len(cc)}.</p>" + counts
     refs = "".join(f'<figure><img src="../{r["heatmap"]}" alt="reference image {r["index"]}" width="{THUMB}" '
                    f'height="{THUMB}"><figcaption>#{r["index"]} {escape(r["class"])} {r["value"]:.3f}</figcaption>'
                    f'</figure>' for r in d["references"])
@@ -142,7 +147,8 @@ def _class_page(c: dict, details: dict) -> str:
     return _page(f"class {c['class']}", body, 1)
 
 
-def _index_page(ex: Explorer, chosen: list[int], classes: list[dict], figures: list[Path], top: int) -> str:
+def _index_page(ex: Explorer, chosen: list[int], classes: list[dict], figures: list[Path], top: int,
+                class_top: int) -> str:
     i = ex.info()
     rows = "".join(_latent_row(ex.summary(l), f"latents/{l}.html") for l in chosen)
     cls = "".join(f'<li><a href="classes/{c["index"]}.html">{escape(c["class"])}</a></li>' for c in classes)
@@ -152,7 +158,7 @@ def _index_page(ex: Explorer, chosen: list[int], classes: list[dict], figures: l
             f'<p>Statistics over {i["dataset"]["analysed_images"]} images of {escape(i["dataset"]["name"])}/'
             f'{escape(i["dataset"]["split"])}; {i["alive_latents"]} latents fired, {i["n_low_entropy"]} with label '
             f'entropy &lt; {i["low_entropy_threshold"]} nats. Listed: the {min(top, len(ex.order))} most '
-            f'interpretable latents (low entropy first, then by frequency) and each class\'s top {CLASS_TOP}. '
+            f'interpretable latents (low entropy first, then by frequency) and each class\'s top {class_top}. '
             f'The same content as JSON: <a href="data/latents.json">latents.json</a>, '
             f'<a href="data/classes.json">classes.json</a>.</p>'
             f'<h3>Classes</h3><ul>{cls}</ul><h3>Latents</h3><table>{LATENT_HEAD}</tr>{rows}</table>'

@@ -53,6 +53,10 @@ class ImageEntry:
     desc: str
     f_TS: dict[str, torch.Tensor] = field(default_factory=dict)  # model key -> (CLS + patches, d_sae)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.pixels_CHW, *self.f_TS.values()))
+
 
 def load_analysis(run: Run, d_sae: int) -> tuple[dict, dict[str, torch.Tensor]]:
     """(manifest, tensors) written by `patchsae analyze`, refusing a missing, foreign or stale analysis."""
@@ -116,7 +120,8 @@ class Explorer:
     """One run opened for exploring. All model work runs under one lock: steering installs a hook on the shared
     model, and no other forward pass may run while it is in place."""
 
-    def __init__(self, run: Run, adapt: Callable[[ClipModel], ClipModel] | None = None, max_images: int = 64):
+    def __init__(self, run: Run, adapt: Callable[[ClipModel], ClipModel] | None = None, max_images: int = 64,
+                 max_bytes: int = 1 << 30):
         """`adapt` turns the run's CLIP into an adapted model (e.g. MaPLe prompts) that the same SAE reads."""
         from patchsae.analysis.masking import cached_text_head
         from patchsae.data import open_dataset
@@ -152,7 +157,7 @@ class Explorer:
         self.order = interpretable_order(self.stats)
         self._rank = {l: r for r, l in enumerate(self.order)}
         self._images: OrderedDict[str, ImageEntry] = OrderedDict()
-        self._max_images = max_images
+        self._max_images, self._max_bytes = max_images, max_bytes  # dense codes: 39 MB an image at ViT-B/16 x64
         self.lock = threading.RLock()
 
     # ---- basic facts ----------------------------------------------------------------------------------------
@@ -196,7 +201,8 @@ class Explorer:
                     entry.f_TS[key] = patch_maps.image_activations(model, self.sae, pixels_CHW, self.layer)
                 self._images[image_id] = entry
             self._images.move_to_end(image_id)
-            while len(self._images) > self._max_images:
+            while len(self._images) > 1 and (len(self._images) > self._max_images
+                                             or sum(e.nbytes for e in self._images.values()) > self._max_bytes):
                 self._images.popitem(last=False)
         return image_id
 

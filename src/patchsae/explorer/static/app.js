@@ -172,7 +172,12 @@ async function selectLatent(latent) {
       `<figcaption>${m} segmentation</figcaption></figure>`).join("") + "</div>";
   }
   const maxCount = Math.max(1, ...d.class_counts.map((c) => c.count));
-  html += "<h3>Class-level counts</h3><div class=\"bars counts\">" + d.class_counts.map((c) =>
+  const MAX_BARS = 30;  // many classes (ImageNet): the largest counts, in class order
+  const shown = d.class_counts.length <= MAX_BARS ? d.class_counts :
+    d.class_counts.map((c, i) => [c, i]).sort((a, b) => b[0].count - a[0].count).slice(0, MAX_BARS)
+      .sort((a, b) => a[1] - b[1]).map((ci) => ci[0]);
+  const note = shown.length < d.class_counts.length ? ` (top ${shown.length} of ${d.class_counts.length} classes)` : "";
+  html += `<h3>Class-level counts${note}</h3><div class="bars counts">` + shown.map((c) =>
     `<div class="bar"><span>${esc(c.class)}</span><div class="fill" style="width:${(100 * c.count / maxCount).toFixed(1)}%"></div>` +
     `<span class="val">${c.count}</span></div>`).join("") + "</div>";
   html += `<h3>Reference images (${d.references.length})</h3><div class="refs" id="references">` +
