@@ -384,12 +384,23 @@ def site(ex, tmp_path_factory) -> Path:
 def test_serve_and_report_commands(run_dir, tmp_path, monkeypatch, capsys):
     import uvicorn
 
+    from patchsae.explorer import server as server_module
+
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
-    assert cli.main(["serve", "--run", str(run_dir)]) == 0
+    with monkeypatch.context() as m:  # the default port may be in use by a real explorer on this machine
+        m.setattr(server_module, "check_listen", lambda host, port: seen.update(checked=(host, port)))
+        assert cli.main(["serve", "--run", str(run_dir)]) == 0
+    assert seen["checked"] == ("127.0.0.1", 7860)
     assert seen["host"] == "127.0.0.1" and seen["port"] == 7860 and seen["app"].limit == 10 * 2**20
     assert "http://127.0.0.1:7860/" in capsys.readouterr().out
     assert cli.main(["serve", "--run", str(run_dir), "--port", "9001", "--max-upload-mb", "0"]) == 2
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--run", str(run_dir), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     out = tmp_path / "site"
     assert cli.main(["report", "--run", str(run_dir), "--out", str(out), "--top", "2"]) == 0
     assert f"{out / 'index.html'}" in capsys.readouterr().out and (out / "latents").is_dir()

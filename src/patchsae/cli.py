@@ -219,10 +219,11 @@ def _open_explorer(args):
 
 
 def cmd_serve(args):
-    from patchsae.explorer.server import serve
+    from patchsae.explorer.server import check_listen, serve
 
     if args.max_upload_mb <= 0:
         raise PatchSAEError(f"--max-upload-mb must be positive, not {args.max_upload_mb}")
+    check_listen(args.host, args.port)
     explorer = _open_explorer(args)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"patchsae explorer for {args.run} on http://{host}:{args.port}/  (Ctrl-C stops it)", flush=True)

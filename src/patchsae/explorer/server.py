@@ -182,6 +182,19 @@ def _figures(explorer: Explorer) -> list[Path]:
     return [p for p in folder.iterdir() if p.suffix == ".png" and p.is_file()] if folder.is_dir() else []
 
 
+def check_listen(host: str, port: int) -> None:
+    """Fail with one line, before the model work starts, if the address cannot be bound (port taken, bad host)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except (OSError, OverflowError) as exc:
+        raise PatchSAEError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def serve(explorer: Explorer, host: str = "127.0.0.1", port: int = 7860, max_upload: int = MAX_UPLOAD) -> None:
     import uvicorn
 
