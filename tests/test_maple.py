@@ -383,3 +383,34 @@ def test_adapt_bad_class_is_one_line_error(tiny_clip_dir, tmp_path, capsys):
     assert rc == 2
     assert "unknown class 'llama'" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+# ---- the digits dataset, class subsets, few-shot draws ------------------------------------------------------
+
+def test_digits_dataset_and_subsets():
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from patchsae.data import open_dataset
+    from patchsae.data.subsets import ClassSubset, dataset_labels, few_shot_indices
+
+    train, test = open_dataset("digits", "train"), open_dataset("digits", "test")
+    assert (len(train), len(test)) == (1000, 797)
+    assert train.class_names[7] == "seven"
+    ref = load_digits()
+    img, label = test.load(5)
+    assert img.size == (8, 8) and img.mode == "L" and label == int(ref.target[1005])
+    assert np.array_equal(np.asarray(img), np.round(ref.images[1005] * 255 / 16).astype(np.uint8))
+    sub = ClassSubset(test, [7, 2])
+    labels = dataset_labels(test)
+    assert len(sub) == int(((labels == 7) | (labels == 2)).sum()) and sub.class_names == ("seven", "two")
+    first = sub.index_of(0)
+    assert sub.load(0)[1] == (0 if labels[first] == 7 else 1)
+    shots = few_shot_indices(dataset_labels(train), [0, 1], 3, seed=4)
+    assert len(shots) == 6 and sorted(dataset_labels(train)[shots].tolist()) == [0, 0, 0, 1, 1, 1]
+    assert np.array_equal(shots, few_shot_indices(dataset_labels(train), [0, 1], 3, seed=4))
+    assert not np.array_equal(shots, few_shot_indices(dataset_labels(train), [0, 1], 3, seed=5))
+    with pytest.raises(PatchSAEError, match="fewer than --shots"):
+        few_shot_indices(dataset_labels(train), [0], 500, seed=0)
+    with pytest.raises(PatchSAEError, match="splits"):
+        open_dataset("digits", "validation")
