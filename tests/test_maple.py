@@ -103,6 +103,68 @@ def test_the_frozen_clip_is_untouched_by_building_and_running(clip):
     assert clip.layout().n_prompt == 0
 
 
+class _TinyImages:
+    """Six random 28 px images in two classes."""
+
+    name, split, class_names = "tiny", "test", ("a", "b")
+
+    def __len__(self):
+        return 6
+
+    def load(self, i):
+        from PIL import Image
+
+        g = torch.Generator().manual_seed(i)
+        return Image.fromarray((torch.rand(28, 28, generator=g) * 255).byte().numpy(), mode="L"), i % 2
+
+
+def test_existing_analysis_runs_on_the_adapted_model(clip):
+    """Patch maps, class-level counts and SAE splicing take the adapted model as it is and see only its image
+    tokens (CLS + patches), never the visual prompt rows."""
+    from patchsae.analysis.latents import collect_stats
+    from patchsae.analysis.masking import make_finisher, spliced
+    from patchsae.analysis.patch_maps import image_activations, patch_grid
+    from patchsae.data.base import iter_batches
+    from patchsae.sae.model import SAE, SAEConfig
+
+    torch.manual_seed(0)
+    maple = build_maple(clip, MapleConfig(depth=2))
+    _randomise(maple)
+    sae = SAE(SAEConfig(d_model=32, d_sae=64, arch="topk", k=8)).eval()
+    x = _pixels(1)
+    h_TD = maple.block_output(x, -2)[0]
+    image_rows = torch.cat([h_TD[:1], h_TD[3:]])  # CLS, then the 49 patches; rows 1-2 are the prompts
+    with torch.no_grad():
+        want_TS = sae.encode(image_rows)
+    f_TS = image_activations(maple, sae, x[0], -2)
+    torch.testing.assert_close(f_TS, want_TS)
+    latent = int(want_TS[1:].sum(0).argmax())
+    torch.testing.assert_close(patch_grid(f_TS, maple.layout(), latent), want_TS[1:, latent].reshape(7, 7))
+
+    ds = _TinyImages()
+    stats = collect_stats(maple, sae, ds, -2, batch_size=4, progress=False)
+    counts = torch.zeros(2, 64, dtype=torch.long)
+    for pixels, labels, _ in iter_batches(ds, maple.preprocess, 6):
+        h = maple.block_output(pixels, -2)
+        with torch.no_grad():
+            f = sae.encode(torch.cat([h[:, :1], h[:, 3:]], 1))
+        counts.index_add_(0, labels, (f > 0.2).sum(1))
+    assert torch.equal(stats.class_counts_CS, counts)
+
+    with torch.no_grad():
+        h = maple.block_output(x, -2)
+        resid = h.clone()
+        resid[:, [0, *range(3, 52)]] = sae.decode(sae.encode(resid[:, [0, *range(3, 52)]]))
+        want = maple.finish_from(resid, -2)
+    with spliced(maple, sae, -2):
+        torch.testing.assert_close(maple.image_features(x), want, rtol=1e-5, atol=1e-6)
+    # depth 2 prompts blocks 0 and 1 only; after the hooked block 1 the tower is plain CLIP, so the masking grid
+    # may run its last block for the CLS query only
+    finish, fast = make_finisher(maple, -2, h)
+    assert fast and maple.plain_blocks_from(2) and not maple.plain_blocks_from(1)
+    torch.testing.assert_close(finish(h), maple.finish_from(h, -2), rtol=1e-4, atol=1e-5)
+
+
 # ---- depth and token counts ---------------------------------------------------------------------------------
 
 def test_default_depth_rule():
