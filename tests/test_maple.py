@@ -334,7 +334,8 @@ def test_official_checkpoint_loads_into_b16(b16_clip, tmp_path):
     p = maple.prompts
     torch.testing.assert_close(p.ctx.data, sd["prompt_learner.ctx"], rtol=0, atol=0)
     assert p.proj.weight.dtype == torch.float32
-    want0 = sd["prompt_learner.ctx"] @ sd["prompt_learner.proj.weight"].float().T + sd["prompt_learner.proj.bias"].float()
+    w0, b0 = sd["prompt_learner.proj.weight"].float(), sd["prompt_learner.proj.bias"].float()
+    want0 = sd["prompt_learner.ctx"] @ w0.T + b0
     torch.testing.assert_close(p.vision_prompt(0), want0, rtol=1e-5, atol=1e-5)
     for i in range(1, 9):
         w = sd[f"prompt_learner.compound_prompt_projections.{i - 1}.weight"]

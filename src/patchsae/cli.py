@@ -13,8 +13,8 @@ from patchsae.run import EMBEDDED_DEFAULTS, Run, RunConfig
 _HELP = {
     "model": "CLIP to open: 'embedded' (default), a local Hugging Face CLIP folder, a hub id such as "
              "openai/clip-vit-base-patch16, or an OpenAI-layout .pt/.safetensors file (see `patchsae models`)",
-    "dataset": "'fashion-mnist', 'digits' (scikit-learn's 8x8 digits), a name from `patchsae datasets` (e.g. eurosat), a folder of class subfolders, "
-               "a datasets save_to_disk folder, or hf:NAME",
+    "dataset": "'fashion-mnist', 'digits' (scikit-learn's 8x8 digits), a name from `patchsae datasets` (e.g. "
+               "eurosat), a folder of class subfolders, a datasets save_to_disk folder, or hf:NAME",
     "dataset_path": "local copy of a `patchsae datasets` entry (a save_to_disk folder or an image folder); "
                     "used instead of the Hugging Face hub",
     "train_split": "split whose activations are cached and trained on",

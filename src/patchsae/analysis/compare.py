@@ -249,6 +249,9 @@ def stage_compare(run, adapted: str | Path, opts: CompareOptions = CompareOption
         getattr(cfg, "dataset_path", None) if dataset == cfg.dataset else None)
     kw = {"path": path} if path else {}
     split, rank_split = opts.split or cfg.eval_split, opts.rank_split or cfg.train_split
+    if opts.masking and rank_split == split:
+        raise PatchSAEError(f"the masking ranking and its evaluation would both use split {split!r}; choose "
+                            "another --rank-split (or --no-masking)")
     ds = open_dataset(dataset, split, **kw)
     names = list(ds.class_names)
     if acfg.get("class_names") == names:
@@ -271,9 +274,6 @@ def stage_compare(run, adapted: str | Path, opts: CompareOptions = CompareOption
 
     rows, n_rank = [], 0
     if opts.masking:
-        if rank_split == split:
-            raise PatchSAEError(f"the masking ranking and its evaluation would both use split {split!r}; "
-                                "choose another --rank-split")
         ds_rank = open_dataset(dataset, rank_split, **kw)
         if list(ds_rank.class_names) != names:
             raise PatchSAEError(f"{dataset}: splits {rank_split!r} and {split!r} have different classes")
