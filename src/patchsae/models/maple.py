@@ -209,8 +209,10 @@ def build_maple(clip: ClipModel, cfg: MapleConfig = MapleConfig(), seed: int = 0
     """Fresh prompts for `clip` (deterministic given the seed)."""
     n_text = len(clip.hf.text_model.encoder.layers)
     depth = cfg.depth if cfg.depth is not None else default_depth(clip.n_layers, n_text)
-    torch.manual_seed(seed)
-    prompts = MaplePrompts(init_context(clip, cfg.n_ctx, cfg.ctx_init), depth, clip.d_model)
+    ctx = init_context(clip, cfg.n_ctx, cfg.ctx_init)
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
+        torch.manual_seed(seed)
+        prompts = MaplePrompts(ctx, depth, clip.d_model)
     return MapleModel(clip, prompts, MapleConfig(cfg.n_ctx, depth, cfg.ctx_init), f"{clip.name}+maple")
 
 
@@ -336,10 +338,3 @@ def read_config(folder: str | Path) -> dict:
     """The config.json `patchsae adapt` wrote beside the prompts ({} for official checkpoints)."""
     cfg_file = Path(folder) / CONFIG_FILE
     return read_json(cfg_file) if Path(folder).is_dir() and cfg_file.exists() else {}
-
-
-def prompt_summary(model: MapleModel) -> dict:
-    """Token counts and parameter counts, for reports."""
-    n_params = sum(p.numel() for p in model.prompts.parameters())
-    return {"n_ctx": model.prompts.n_ctx, "depth": model.depth, "ctx_init": model.cfg.ctx_init,
-            "vision_tokens": model.layout().n_tokens, "parameters": n_params}
