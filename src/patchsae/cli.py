@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from dataclasses import fields
 
 from patchsae import PatchSAEError
@@ -12,8 +13,8 @@ from patchsae.run import EMBEDDED_DEFAULTS, Run, RunConfig
 _HELP = {
     "model": "CLIP to open: 'embedded' (default), a local Hugging Face CLIP folder, a hub id such as "
              "openai/clip-vit-base-patch16, or an OpenAI-layout .pt/.safetensors file (see `patchsae models`)",
-    "dataset": "'fashion-mnist', a name from `patchsae datasets` (e.g. eurosat), a folder of class subfolders, "
-               "a datasets save_to_disk folder, or hf:NAME",
+    "dataset": "'fashion-mnist', 'digits' (scikit-learn's 8x8 digits), a name from `patchsae datasets` (e.g. "
+               "eurosat), a folder of class subfolders, a datasets save_to_disk folder, or hf:NAME",
     "dataset_path": "local copy of a `patchsae datasets` entry (a save_to_disk folder or an image folder); "
                     "used instead of the Hugging Face hub",
     "train_split": "split whose activations are cached and trained on",
@@ -254,6 +255,122 @@ def _add_explorer_options(p: argparse.ArgumentParser, name: str) -> None:
                        "first (50)")
         p.add_argument("--class-top", type=int, default=5, help="each class's top latents by class-level count, "
                        "which get pages too (5)")
+def _adapt_overrides(args) -> dict:
+    """The MaPLe options given on the command line (the others keep their defaults)."""
+    names = ("model", "dataset", "dataset_path", "train_split", "eval_split", "base_classes", "novel_classes",
+             "shots", "n_ctx", "depth", "ctx_init", "optimizer", "lr", "epochs", "batch_size", "max_eval_images",
+             "device")
+    out = {k: getattr(args, k, None) for k in names}
+    out = {k: (tuple(v) if isinstance(v, list) else v) for k, v in out.items() if v is not None}
+    return out
+
+
+def _add_training_options(p: argparse.ArgumentParser, defaults) -> None:
+    p.add_argument("--shots", type=int, help=f"training images per base class ({defaults.shots})")
+    p.add_argument("--n-ctx", type=int, help=f"context tokens per prompt ({defaults.n_ctx})")
+    p.add_argument("--depth", type=int, help="prompt depth J (default: 9 for 12 blocks, round(0.75 x vision "
+                   "blocks) otherwise, at most the text blocks)")
+    p.add_argument("--ctx-init", help=f"phrase whose first n_ctx tokens initialise the context ({defaults.ctx_init!r})")
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], help=f"({defaults.optimizer})")
+    p.add_argument("--lr", type=float, help="peak learning rate (sgd 0.0035, adamw 0.002), cosine schedule")
+    p.add_argument("--epochs", type=int, help=f"epochs over the few-shot images ({defaults.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"images per step ({defaults.batch_size})")
+    p.add_argument("--max-eval-images", type=int, help="evaluate on the first N images of the base and of the "
+                   "novel classes")
+    p.add_argument("--device", help="cpu or cuda")
+
+
+def cmd_adapt(args):
+    from patchsae.adapt import AdaptOptions, adapt_seeds, format_adapt, mean_accuracy
+    from patchsae.models.load import load_model
+
+    opts = AdaptOptions(**_adapt_overrides(args))
+    clip = load_model(opts.model, opts.device)
+    reports = adapt_seeds(clip, opts, args.seed or [opts.seed], args.out)
+    for r in reports:
+        print(format_adapt(r))
+        print(f"wrote {r['out']}")
+    if len(reports) > 1:
+        m = mean_accuracy(reports)
+        print("mean over seeds: " + ", ".join(f"{g} {m[g]['zero_shot']:.2f}% -> {m[g]['adapted']:.2f}% "
+                                              f"(delta {m[g]['delta']:.2f}%)" for g in m))
+
+
+def _add_adapt_options(p: argparse.ArgumentParser) -> None:
+    from patchsae.adapt import AdaptOptions
+
+    d = AdaptOptions()
+    p.add_argument("--out", required=True, help="folder for prompts.safetensors + config.json (OUT/seed<N> for "
+                   "several seeds)")
+    p.add_argument("--model", help=_HELP["model"])
+    p.add_argument("--dataset", help=_HELP["dataset"] + f" (default {d.dataset})")
+    p.add_argument("--dataset-path", help=_HELP["dataset_path"])
+    p.add_argument("--train-split", help="split the few-shot images come from (train)")
+    p.add_argument("--eval-split", help="split base and novel accuracy are measured on (test)")
+    p.add_argument("--base-classes", nargs="+", metavar="CLASS", help="names or ids (default: first half)")
+    p.add_argument("--novel-classes", nargs="+", metavar="CLASS", help="names or ids (default: all others)")
+    p.add_argument("--seed", type=int, nargs="+", help="one prompt set per seed (default 1)")
+    _add_training_options(p, d)
+
+
+def cmd_compare(args):
+    from patchsae.analysis.compare import CompareOptions, format_compare, stage_compare
+
+    opts = CompareOptions(dataset=args.dataset, dataset_path=args.dataset_path, split=args.split,
+                          rank_split=args.rank_split, max_images=args.max_images,
+                          max_rank_images=args.max_rank_images, max_eval_images=args.max_eval_images, tau=args.tau,
+                          top_n=args.top_n, low_rank=args.low_rank, examples=tuple(args.examples or ()),
+                          masking=not args.no_masking, batch_size=args.batch_size)
+    report = stage_compare(Run(args.run), args.adapted, opts)
+    print(format_compare(report))
+    print(f"wrote {report['out']}")
+
+
+def _add_compare_options(p: argparse.ArgumentParser) -> None:
+    from patchsae.analysis.compare import CompareOptions
+
+    d = CompareOptions()
+    p.add_argument("--run", required=True, help="run directory with a trained SAE")
+    p.add_argument("--adapted", required=True, help="MaPLe prompts: a folder from `patchsae adapt`, or an official "
+                   "MaPLe checkpoint (model.pth.tar-N)")
+    p.add_argument("--dataset", help="dataset (default: the one the prompts were trained on)")
+    p.add_argument("--dataset-path", help=_HELP["dataset_path"])
+    p.add_argument("--split", help="split for counts, groups and masking accuracy (default: the run's eval split)")
+    p.add_argument("--rank-split", help="split whose counts rank latents for masking (default: the run's train split)")
+    p.add_argument("--max-images", type=int, help="count on the first N images of --split")
+    p.add_argument("--max-rank-images", type=int, default=d.max_rank_images, help="(%(default)s)")
+    p.add_argument("--max-eval-images", type=int, default=d.max_eval_images, help="masking evaluation images "
+                   "(%(default)s)")
+    p.add_argument("--tau", type=float, default=d.tau, help="token activation threshold (%(default)s)")
+    p.add_argument("--top-n", type=int, default=d.top_n, help="'high' = in the class's top-N latents by count "
+                   "(%(default)s)")
+    p.add_argument("--low-rank", type=int, help="'low' = ranked at or beyond this, or never counted (2 x top-n)")
+    p.add_argument("--examples", nargs="+", metavar="CLASS", help="classes with a scatter figure (default: first "
+                   "base and first novel class)")
+    p.add_argument("--no-masking", action="store_true", help="skip the masking study")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass (%(default)s)")
+
+
+def cmd_adapt_study(args):
+    from dataclasses import replace
+
+    from patchsae.adapt_study import SCENARIOS, StudyOptions, format_study, stage_adapt_study
+
+    base = StudyOptions()
+    opts = StudyOptions(scenarios=tuple(args.scenarios or SCENARIOS), seeds=tuple(args.seed or base.seeds),
+                        adapt=replace(base.adapt, **_adapt_overrides(args)), compare=base.compare)
+    report = stage_adapt_study(Run(args.run), opts)
+    print(format_study(report))
+    print(f"wrote {Path(args.run) / 'adapt-study'}")
+
+
+def _add_study_options(p: argparse.ArgumentParser) -> None:
+    from patchsae.adapt_study import SCENARIOS, StudyOptions
+
+    p.add_argument("--run", required=True, help="run directory with an SAE trained on the embedded model")
+    p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, help="(default: both)")
+    p.add_argument("--seed", type=int, nargs="+", help=f"prompt seeds ({' '.join(map(str, StudyOptions().seeds))})")
+    _add_training_options(p, StudyOptions().adapt)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("datasets", cmd_datasets, "list the named datasets of the paper (--dataset NAME): hub id, splits, classes"),
         ("analyze", cmd_analyze, "per-latent statistics, reference images, class counts, concept names and "
                                  "figures (DIR/analysis, DIR/figures); with --image: patch maps of one image"),
+        ("adapt", cmd_adapt, "MaPLe prompt learning: train prompts few-shot on base classes, report base and "
+                             "novel accuracy vs zero-shot and the improvement rate delta"),
+        ("compare", cmd_compare, "CLIP vs a MaPLe-adapted CLIP through the run's SAE: re-used / suppressed / "
+                                 "introduced latents per class, count correlation, masking ranking x classifier"),
+        ("adapt-study", cmd_adapt_study, "the adaptation study on the embedded model: Fashion-MNIST and digits "
+                                         "base-to-novel, MaPLe + compare, the paper's Table 1 layout"),
         ("classify", cmd_classify, "top-k masking: accuracy with only the top-k latents kept (or removed), ranked "
                                    "by class / dataset / random; DIR/classify/metrics.csv and a figure"),
         ("serve", cmd_serve, "explore the run's concepts in a browser: top latents of an uploaded image and of "
@@ -294,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
             _add_classify_options(p)
         elif name in ("serve", "report"):
             _add_explorer_options(p, name)
+        elif name == "adapt":
+            _add_adapt_options(p)
+        elif name == "compare":
+            _add_compare_options(p)
+        elif name == "adapt-study":
+            _add_study_options(p)
         elif name not in ("models", "datasets"):
             _add_run_options(p)
         if name in ("cache", "train", "quickstart"):

@@ -190,7 +190,7 @@ def make_finisher(model: ClipModel, layer: int, sample_h_BTD: torch.Tensor) -> t
     start = model.resolve_layer(layer) + 1
     blocks = list(model.blocks[start:])
     if (not blocks or type(blocks[-1]) is not CLIPEncoderLayer or type(blocks[-1].self_attn) is not CLIPAttention
-            or type(model).finish_from is not ClipModel.finish_from or type(model)._finish is not ClipModel._finish):
+            or not model.plain_blocks_from(start)):
         return slow, False
 
     @torch.no_grad()

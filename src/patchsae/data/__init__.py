@@ -11,9 +11,9 @@ __all__ = ["LabelledImages", "SkipLog", "iter_batches", "open_dataset"]
 
 
 def open_dataset(spec: str, split: str, path: str | None = None, **hf_kwargs) -> LabelledImages:
-    """`fashion-mnist` (embedded), a registry name (`patchsae datasets`), a folder of class subfolders, a
-    `save_to_disk` folder, or `hf:NAME`. `path` (--dataset-path) is a local copy of the named dataset: a registry
-    entry keeps its class names; any other spec is simply replaced by the folder."""
+    """`fashion-mnist` (embedded), `digits` (scikit-learn's 8x8 digits), a registry name (`patchsae datasets`), a
+    folder of class subfolders, a `save_to_disk` folder, or `hf:NAME`. `path` (--dataset-path) is a local copy of
+    the named dataset: a registry entry keeps its class names; any other spec is simply replaced by the folder."""
     from patchsae.data.registry import lookup, open_registered
 
     info = lookup(spec)
@@ -27,6 +27,10 @@ def open_dataset(spec: str, split: str, path: str | None = None, **hf_kwargs) ->
         from patchsae.data.fashion_mnist import FashionMNIST
 
         return FashionMNIST(split)
+    if spec in ("digits", "sklearn-digits"):
+        from patchsae.data.digits import Digits
+
+        return Digits(split)
     if spec.startswith("hf:"):
         from patchsae.data.hf import HFImages
 

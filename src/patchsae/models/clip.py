@@ -155,6 +155,11 @@ class ClipModel:
         """Unnormalised image embeddings (batch, projection_dim)."""
         return self._finish(self._embed(pixels_BCHW), 0)
 
+    def plain_blocks_from(self, start: int) -> bool:
+        """Whether blocks start.. run as plain CLIP blocks, with nothing added between them (adapted models that
+        inject tokens into early blocks override this), so a caller may run them itself."""
+        return type(self)._finish is ClipModel._finish and type(self).finish_from is ClipModel.finish_from
+
     @torch.no_grad()
     def finish_from(self, h_BTD: torch.Tensor, layer: int) -> torch.Tensor:
         """Image embeddings computed from the residual stream after block `layer` (the rest of the tower)."""
