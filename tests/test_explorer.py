@@ -9,7 +9,6 @@ import io
 import json
 import re
 import socket
-import sys
 import threading
 import time
 from html.parser import HTMLParser
@@ -340,7 +339,7 @@ def test_two_model_view_reads_both_models(ex2):
 
 # ---- command line ------------------------------------------------------------------------------------------
 
-def test_serve_needs_analysis_and_maple(tmp_path, run_dir, capsys, monkeypatch):
+def test_serve_needs_analysis_and_readable_prompts(tmp_path, run_dir, capsys):
     bare = tmp_path / "bare"  # the same run without its analysis/
     bare.mkdir()
     (bare / "config.json").write_bytes((Path(run_dir) / "config.json").read_bytes())
@@ -348,9 +347,34 @@ def test_serve_needs_analysis_and_maple(tmp_path, run_dir, capsys, monkeypatch):
     assert cli.main(["serve", "--run", str(bare)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"patchsae analyze --run {bare}" in err
-    monkeypatch.setitem(sys.modules, "patchsae.models.maple", None)
     assert cli.main(["report", "--run", str(run_dir), "--out", str(tmp_path / "s"), "--adapted", "p.pt"]) == 2
-    assert "patchsae.models.maple" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "MaPLe prompts p.pt: no such file" in err
+
+
+def test_two_model_view_with_saved_maple_prompts(tmp_path, run_dir):
+    """--adapted with prompts written by `patchsae adapt`: the second model carries MaPLe's visual prompt tokens
+    and the SAE reads its CLS + patch tokens only."""
+    from fastapi.testclient import TestClient
+
+    from patchsae.models.maple import MapleConfig, build_maple, load_adapted, save_prompts
+
+    run = Run(run_dir)
+    base = Explorer(run).models["base"]
+    maple = build_maple(base, MapleConfig(n_ctx=2, depth=2), seed=3)
+    with torch.no_grad():
+        for p in maple.prompts.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    save_prompts(tmp_path / "prompts", maple)
+    ex = Explorer(run, lambda clip: load_adapted(clip, tmp_path / "prompts"))
+    c = TestClient(create_app(ex))
+    img, _ = FashionMNIST("test").load(5)
+    a = c.post("/api/analyze", files={"file": ("x.png", png_of(img), "image/png")}).json()
+    adapted = ex.models["adapted"]
+    assert adapted.layout().kinds().count("prompt") == 2
+    vals, ids = codes(ex, img, "adapted").mean(0).topk(10)
+    assert [r["latent"] for r in a["models"]["adapted"]["top_latents"]] == [int(i) for i, v in zip(ids, vals) if v > 0]
+    assert "+maple:" in c.get("/api/info").json()["adapted_model"]
 
 
 # ---- static report -----------------------------------------------------------------------------------------

@@ -208,13 +208,8 @@ def _open_explorer(args):
 
     adapt = None
     if getattr(args, "adapted", None):
-        try:
-            from patchsae.models.maple import load_adapted
-        except ModuleNotFoundError as exc:
-            if exc.name != "patchsae.models.maple":
-                raise
-            raise PatchSAEError("--adapted needs patchsae.models.maple (MaPLe support), which this installation "
-                                "lacks") from None
+        from patchsae.models.maple import load_adapted
+
         adapt = lambda clip: load_adapted(clip, args.adapted)  # noqa: E731
     return Explorer(Run(args.run), adapt)
 
