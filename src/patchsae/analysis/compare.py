@@ -195,7 +195,8 @@ def scatter_figure(path: Path, clip_S: torch.Tensor, adapted_S: torch.Tensor, gr
 
 
 def masking_figure(path: Path, rows: list[dict], title: str) -> None:
-    from patchsae.analysis.figures import _plt, _save
+    """Accuracy vs k for every pairing of ranking and classifier, 'on' solid and 'off' dashed."""
+    from patchsae.analysis.figures import _plt, finish_k_axes
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -208,14 +209,7 @@ def masking_figure(path: Path, rows: list[dict], title: str) -> None:
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, color=colour, ms=3,
                         label=f"ranking {ranking}, classifier {clf}, {mode}")
-    ax.set_xscale("log")
-    ax.set_xlabel("k (class-level top-k latents kept for 'on', removed for 'off')")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6, loc="best")
-    fig.tight_layout()
-    _save(fig, path)
+    finish_k_axes(fig, ax, path, title, "k (class-level top-k latents kept for 'on', removed for 'off')", 6)
 
 
 # ---- the stage ----------------------------------------------------------------------------------------------

@@ -26,6 +26,18 @@ def _save(fig, path: str | Path, dpi: int = 110) -> None:
     _plt().close(fig)
 
 
+def finish_k_axes(fig, ax, path: str | Path, title: str, xlabel: str, legend_size: float) -> None:
+    """The masking figures' shared frame: log k on x, accuracy in % on y, legend, title; saved atomically."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=legend_size, loc="best")
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def scatter_figure(path: str | Path, frequency_S: torch.Tensor, mean_act_S: torch.Tensor, entropy_S: torch.Tensor,
                    title: str) -> None:
     """log10 frequency vs log10 mean activation of the latents that fired, coloured by label entropy: rare and

@@ -441,7 +441,7 @@ def format_table(rows: list[dict], d_sae: int) -> str:
 
 def masking_figure(path: str | Path, rows: list[dict], title: str) -> None:
     """Accuracy vs k (log axis), one line per selection and mode; dashed: original and full reconstruction."""
-    from patchsae.analysis.figures import _plt, _save
+    from patchsae.analysis.figures import _plt, finish_k_axes
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -454,14 +454,7 @@ def masking_figure(path: str | Path, rows: list[dict], title: str) -> None:
     base = {r["mode"]: r["accuracy"] for r in rows if r["selection"] == "none"}
     ax.axhline(100 * base["original"], color="black", ls=":", lw=1.2, label="original (unspliced)")
     ax.axhline(100 * base["reconstruction"], color="#8e44ad", ls="--", lw=1.0, label="full reconstruction")
-    ax.set_xscale("log")
-    ax.set_xlabel("k (latents kept for 'on', removed for 'off')")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    _save(fig, path)
+    finish_k_axes(fig, ax, path, title, "k (latents kept for 'on', removed for 'off')", 7)
 
 
 # ---- the stage ---------------------------------------------------------------------------------------------
