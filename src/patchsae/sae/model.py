@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -55,6 +56,24 @@ class SAEConfig:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """How the few batch-level statistics of a loss (AuxK's residual variance, the ghost-grad scale,
+    BatchTopK's smallest kept activation) are reduced. One process: the identity. A distributed trainer passes
+    functions that turn a rank's mean over its tokens into the mean over the global batch, and a rank's minimum
+    into the global one, so every rank computes the loss of the same global batch."""
+
+    mean: Callable[[torch.Tensor], torch.Tensor] = _same
+    min: Callable[[torch.Tensor], torch.Tensor] = _same
+
+
+LOCAL = BatchStats()
 
 
 def geometric_median(points_ND: torch.Tensor, iters: int = 200, eps: float = 1e-8) -> torch.Tensor:
@@ -271,11 +290,13 @@ class SAE(nn.Module):
         self.W_dec.grad.sub_(parallel_S * self.W_dec)
 
     # ---- losses ---------------------------------------------------------------------------------------------
-    def loss(self, x_ND: torch.Tensor, dead_S: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    def loss(self, x_ND: torch.Tensor, dead_S: torch.Tensor | None = None,
+             stats: BatchStats = LOCAL) -> tuple[torch.Tensor, dict]:
         """Training loss on raw activations; all terms are means over tokens in the scaled space. The TopK
-        family runs sparse and, in training mode, BatchTopK moves its threshold estimate."""
+        family runs sparse and, in training mode, BatchTopK moves its threshold estimate. `stats` reduces the
+        batch-level statistics (see BatchStats); BatchTopK's selection itself stays within x_ND."""
         if self.cfg.arch in TOPK_FAMILY:
-            return self._sparse_loss(x_ND, dead_S)
+            return self._sparse_loss(x_ND, dead_S, stats)
         xs_ND = x_ND * self.input_scale
         pre_NS = self.pre_acts(x_ND)
         f_NS = self.activate(pre_NS)
@@ -288,7 +309,7 @@ class SAE(nn.Module):
             loss = loss + self.cfg.l1_coeff * l1
             parts["l1"] = l1.detach()
             if self.cfg.ghost_grads and dead_S is not None and dead_S.any():
-                ghost = self._ghost_loss(x_ND, err_ND, mse, dead_S)
+                ghost = self._ghost_loss(x_ND, err_ND, mse, dead_S, stats)
                 loss = loss + ghost
                 parts["ghost"] = ghost.detach()
         else:  # jumprelu
@@ -297,7 +318,7 @@ class SAE(nn.Module):
         parts["fired_S"] = (f_NS > 0).any(0)
         return loss, parts
 
-    def _sparse_loss(self, x_ND, dead_S):
+    def _sparse_loss(self, x_ND, dead_S, stats):
         vals_NK, idx_NK, xc_ND, pre_NS = self._sparse_code(x_ND, inference=False)
         err_ND = self.decode_sparse_scaled(vals_NK, idx_NK) - x_ND * self.input_scale
         mse = err_ND.pow(2).mean()
@@ -305,25 +326,25 @@ class SAE(nn.Module):
         parts = {"mse": mse.detach(), "l0": on_NK.float().sum(-1).mean()}
         loss = mse
         if dead_S is not None and dead_S.any():
-            aux = self._aux_k_loss(pre_NS, err_ND, dead_S, xc_ND)
+            aux = self._aux_k_loss(pre_NS, err_ND, dead_S, xc_ND, stats)
             loss = loss + self.cfg.aux_coeff * aux
             parts["aux"] = aux.detach()
         if self.cfg.arch == "batchtopk" and self.training:
-            self._update_threshold(vals_NK.detach()[on_NK])
+            self._update_threshold(vals_NK.detach()[on_NK], stats)
         parts["fired_S"] = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x_ND.device).index_fill_(
             0, idx_NK[on_NK], True)
         return loss, parts
 
     @torch.no_grad()
-    def _update_threshold(self, kept_vals: torch.Tensor) -> None:
+    def _update_threshold(self, kept_vals: torch.Tensor, stats: BatchStats = LOCAL) -> None:
         """EMA of the smallest positive activation the batch selection kept (the first batch sets it): the
         JumpReLU threshold that, on average, keeps what BatchTopK kept."""
-        if kept_vals.numel() == 0:
+        lo = stats.min(kept_vals.min() if kept_vals.numel() else torch.full((), torch.inf, device=kept_vals.device))
+        if not torch.isfinite(lo):
             return
-        lo = kept_vals.min()
         self.threshold.copy_(lo if self.threshold <= 0 else torch.lerp(self.threshold, lo, THRESHOLD_EMA))
 
-    def _ghost_loss(self, x_ND, err_ND, mse, dead_S):
+    def _ghost_loss(self, x_ND, err_ND, mse, dead_S, stats: BatchStats = LOCAL):
         """Ghost grads: dead latents, with exp() activations, are asked to explain the residual the live
         ones leave, scaled to half its norm; the term is rescaled to the size of the MSE. Gradients reach only
         dead latents' encoder columns, biases and decoder rows."""
@@ -334,9 +355,9 @@ class SAE(nn.Module):
         scale_N = resid_ND.norm(dim=-1) / (2 * ghost_out_ND.norm(dim=-1) + 1e-6)
         ghost_out_ND = ghost_out_ND * scale_N[:, None].detach()
         ghost_mse = (ghost_out_ND - resid_ND).pow(2).mean()
-        return (mse.detach() / (ghost_mse.detach() + 1e-6)) * ghost_mse
+        return (stats.mean(mse.detach()) / (stats.mean(ghost_mse.detach()) + 1e-6)) * ghost_mse
 
-    def _aux_k_loss(self, pre_NS, err_ND, dead_S, xc_ND=None):
+    def _aux_k_loss(self, pre_NS, err_ND, dead_S, xc_ND=None, stats: BatchStats = LOCAL):
         """AuxK (Gao et al. 2024): the top aux_k dead latents reconstruct the main residual, normalised by
         the residual's variance. Decoded sparsely; with xc_ND (pre_NS then has no graph) the encoder gradient
         also goes through the gathered columns only."""
@@ -348,5 +369,5 @@ class SAE(nn.Module):
                    else _GatherPreActs.apply(xc_ND, self.W_enc, self.b_enc, pre_NS, idx_NK))
         resid_ND = (-err_ND).detach()
         recon_ND = F.embedding_bag(idx_NK, self.W_dec, per_sample_weights=F.relu(vals_NK), mode="sum")
-        denom = (resid_ND - resid_ND.mean(0)).pow(2).mean().clamp_min(1e-12)
+        denom = stats.mean((resid_ND - stats.mean(resid_ND.mean(0))).pow(2).mean()).clamp_min(1e-12)
         return (recon_ND - resid_ND).pow(2).mean() / denom
