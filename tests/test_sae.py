@@ -346,3 +346,34 @@ def test_sae_config_rejects_bad_settings(kw):
 def test_sae_config_accepts_edge_k():
     assert SAEConfig(d_model=16, d_sae=64, arch="topk", k=64).k == 64
     assert SAEConfig(d_model=16, d_sae=64, arch="topk", k=1).k == 1
+
+
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_fused_relu_loss_gradients_equal_autograd_of_the_formula(with_dead):
+    """The ReLU loss has a hand-written backward (no (tokens x d_sae) GEMM for b_dec); its gradients must be
+    autograd's gradients of mse + lambda * L1 (+ ghost term) written out plainly, in float64."""
+    torch.manual_seed(3)
+    sae = SAE(SAEConfig(d_model=8, d_sae=24, l1_coeff=0.07)).double()
+    x = _data(n=96, d=8, seed=3).double()
+    sae.init_from_sample(x)
+    with torch.no_grad():
+        sae.b_enc.uniform_(-0.3, 0.3)
+    dead = _dead_mask(24, [1, 7, 20]) if with_dead else None
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    loss, parts = sae.loss(x, dead)
+    got = torch.autograd.grad(loss, params)
+
+    xs = x * sae.input_scale
+    f = torch.relu((xs - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    err = f @ sae.W_dec + sae.b_dec - xs
+    mse = err.pow(2).mean()
+    ref = mse + 0.07 * f.sum(-1).mean()
+    if with_dead:
+        ref = ref + sae._ghost_loss(x, err, mse, dead)
+    want = torch.autograd.grad(ref, params)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    assert (f == 0).any() and (f > 0).any()
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-10, atol=1e-12)
+    assert parts["l0"].item() == pytest.approx((f > 0).sum(-1).double().mean().item())
+    assert parts["fired_S"].tolist() == (f > 0).any(0).tolist()

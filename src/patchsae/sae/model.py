@@ -118,6 +118,38 @@ class _GatherPreActs(torch.autograd.Function):
         return gx, gW, gb, None, None
 
 
+class _ReLUObjective(torch.autograd.Function):
+    """The ReLU SAE's MSE + lambda * L1 with a hand-written backward, returning (loss, mse, l1, f_NS, err_ND).
+
+    Autograd would build six (tokens x d_sae) temporaries and six GEMMs of that size; this keeps two
+    temporaries (f, and its gradient, both updated in place) and five GEMMs: b_dec's gradient through the
+    encoder is -(sum_n g_pre[n]) W_enc^T, a GEMV, where autograd forms the whole (tokens x d_model) product."""
+
+    @staticmethod
+    def forward(ctx, xs_ND, W_enc, b_enc, W_dec, b_dec, l1_coeff):
+        xc_ND = xs_ND - b_dec
+        f_NS = torch.addmm(b_enc, xc_ND, W_enc).relu_()
+        err_ND = torch.addmm(b_dec, f_NS, W_dec).sub_(xs_ND)
+        n = len(xs_ND)
+        mse, l1 = err_ND.pow(2).mean(), f_NS.sum() / n  # f >= 0: the L1 norm is the sum
+        ctx.save_for_backward(xc_ND, f_NS, err_ND, W_enc, W_dec)
+        ctx.l1_coeff = l1_coeff
+        ctx.mark_non_differentiable(f_NS, err_ND)
+        return mse + l1_coeff * l1, mse, l1, f_NS, err_ND
+
+    @staticmethod
+    def backward(ctx, g_loss, g_mse, g_l1, _g_f, _g_err):
+        xc_ND, f_NS, err_ND, W_enc, W_dec = ctx.saved_tensors
+        n, d = err_ND.shape
+        g_err_ND = err_ND * ((g_loss + g_mse) * (2.0 / (n * d)))
+        g_NS = torch.mm(g_err_ND, W_dec.t()).add_((g_loss * ctx.l1_coeff + g_l1) / n)
+        g_NS.masked_fill_(f_NS <= 0, 0.0)  # through the ReLU: the pre-activation gradient, in place
+        gb_enc = g_NS.sum(0)
+        gx = g_err_ND - g_NS @ W_enc.t() if ctx.needs_input_grad[0] else None
+        return (gx, torch.mm(xc_ND.t(), g_NS), gb_enc, torch.mm(f_NS.t(), g_err_ND),
+                g_err_ND.sum(0) - W_enc @ gb_enc, None)
+
+
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
@@ -241,10 +273,10 @@ class SAE(nn.Module):
     @torch.no_grad()
     def _select(self, pre_NS: torch.Tensor, inference: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Which latents each token keeps: (idx_NK, keep_NK), keep None when every pair is kept."""
-        f_NS = F.relu(pre_NS)
         arch = self.cfg.arch
-        if arch == "topk":
-            return f_NS.topk(self.cfg.k, dim=-1, sorted=False).indices, None
+        if arch == "topk":  # ReLU is monotone: the k largest pre-activations are the k largest ReLU(pre)
+            return pre_NS.topk(self.cfg.k, dim=-1, sorted=False).indices, None
+        f_NS = F.relu(pre_NS)
         if arch == "batchtopk" and not inference:
             return _mask_to_pairs(f_NS, self._batch_keep(f_NS))
         theta = {"relu": 0.0, "batchtopk": self.threshold}.get(arch)
@@ -255,7 +287,7 @@ class SAE(nn.Module):
         the one dense product, carries no graph."""
         xc_ND = self.centred(x_ND)
         with torch.no_grad():
-            pre_NS = xc_ND @ self.W_enc + self.b_enc
+            pre_NS = torch.addmm(self.b_enc, xc_ND, self.W_enc)
         idx_NK, keep_NK = self._select(pre_NS, inference)
         vals_NK = F.relu(_GatherPreActs.apply(xc_ND, self.W_enc, self.b_enc, pre_NS, idx_NK))
         if keep_NK is not None:
@@ -297,25 +329,28 @@ class SAE(nn.Module):
         batch-level statistics (see BatchStats); BatchTopK's selection itself stays within x_ND."""
         if self.cfg.arch in TOPK_FAMILY:
             return self._sparse_loss(x_ND, dead_S, stats)
+        if self.cfg.arch == "relu":
+            return self._relu_loss(x_ND, dead_S, stats)
         xs_ND = x_ND * self.input_scale
         pre_NS = self.pre_acts(x_ND)
         f_NS = self.activate(pre_NS)
         err_ND = self.decode_scaled(f_NS) - xs_ND
         mse = err_ND.pow(2).mean()
         parts = {"mse": mse.detach(), "l0": (f_NS > 0).float().sum(-1).mean().detach()}
-        loss = mse
-        if self.cfg.arch == "relu":
-            l1 = f_NS.abs().sum(-1).mean()
-            loss = loss + self.cfg.l1_coeff * l1
-            parts["l1"] = l1.detach()
-            if self.cfg.ghost_grads and dead_S is not None and dead_S.any():
-                ghost = self._ghost_loss(x_ND, err_ND, mse, dead_S, stats)
-                loss = loss + ghost
-                parts["ghost"] = ghost.detach()
-        else:  # jumprelu
-            l0 = _Step.apply(pre_NS, self.log_threshold.exp(), self.cfg.bandwidth).sum(-1).mean()
-            loss = loss + self.cfg.l0_coeff * l0
+        l0 = _Step.apply(pre_NS, self.log_threshold.exp(), self.cfg.bandwidth).sum(-1).mean()
+        loss = mse + self.cfg.l0_coeff * l0
         parts["fired_S"] = (f_NS > 0).any(0)
+        return loss, parts
+
+    def _relu_loss(self, x_ND, dead_S, stats):
+        loss, mse, l1, f_NS, err_ND = _ReLUObjective.apply(x_ND * self.input_scale, self.W_enc, self.b_enc,
+                                                           self.W_dec, self.b_dec, self.cfg.l1_coeff)
+        parts = {"mse": mse.detach(), "l1": l1.detach(), "l0": torch.count_nonzero(f_NS) / len(f_NS),
+                 "fired_S": f_NS.amax(0) > 0}
+        if self.cfg.ghost_grads and dead_S is not None and dead_S.any():
+            ghost = self._ghost_loss(x_ND, err_ND, mse, dead_S, stats)
+            loss = loss + ghost
+            parts["ghost"] = ghost.detach()
         return loss, parts
 
     def _sparse_loss(self, x_ND, dead_S, stats):
