@@ -101,24 +101,12 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, source: TokenSource, out_dir
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _lr_factor(step, cfg.warmup_steps)
         dead_S = since_fired_S >= sae_cfg.dead_steps
-        share, stats = _batch_share(dist, len(x_ND), device)
-        loss, parts = sae.loss(x_ND, dead_S, stats)
-        if not dist.all_reduce(torch.isfinite(loss).float().reshape(1), "min").item():
+        loss, parts, stats = train_step(sae, opt, x_ND, since_fired_S, dist)
+        if loss is None:
             raise PatchSAEError(
                 f"SAE loss became non-finite at step {step}; the last checkpoint ({ckpt.name}) is kept. "
                 "Check the activations for NaNs or lower the learning rate"
             )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if dist.active:
-            for p in sae.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad.mul_(share))
-        sae.remove_parallel_grads()
-        opt.step()
-        sae.normalize_decoder()
-        since_fired_S += 1
-        since_fired_S[dist.all_reduce(parts["fired_S"].int(), "max").bool()] = 0
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.total_steps:
@@ -137,6 +125,31 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, source: TokenSource, out_dir
         save_sae(out_dir, sae, {**(provenance or {}), "train": asdict(cfg), "tokens_trained": step * cfg.batch_tokens})
     dist.barrier()
     return sae
+
+
+def train_step(sae: SAE, opt: torch.optim.Optimizer, x_ND: torch.Tensor, since_fired_S: torch.Tensor,
+               dist: Dist = Dist()):
+    """One optimisation step on this rank's tokens x_ND (what `benchmarks/` times): loss, gradients
+    all-reduced across ranks, parallel decoder component removed, Adam, decoder rows renormalised, firing
+    counters updated in place. Returns (loss, parts, stats), loss None (and nothing updated) if it is not
+    finite on some rank."""
+    dead_S = since_fired_S >= sae.cfg.dead_steps
+    share, stats = _batch_share(dist, len(x_ND), x_ND.device)
+    loss, parts = sae.loss(x_ND, dead_S, stats)
+    if not dist.all_reduce(torch.isfinite(loss.detach()).float().reshape(1), "min").item():
+        return None, parts, stats
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if dist.active:
+        for p in sae.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad.mul_(share))
+    sae.remove_parallel_grads()
+    opt.step()
+    sae.normalize_decoder()
+    since_fired_S += 1
+    since_fired_S[dist.all_reduce(parts["fired_S"].int(), "max").bool()] = 0
+    return loss, parts, stats
 
 
 def _slice(dist: Dist) -> dict:
