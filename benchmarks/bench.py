@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from patchsae.sae.model import SAE, SAEConfig
-from patchsae.sae.train import train_step
+from patchsae.sae.train import make_optimizer, train_step
 
 D_MODEL, K = 768, 64
 D_SAE = int(os.environ.get("BENCH_D_SAE", 49_152))  # smaller values only for trying changes quickly
@@ -63,7 +63,7 @@ def ours(arch: str, x: torch.Tensor):
     torch.manual_seed(0)
     sae = SAE(SAEConfig(d_model=D_MODEL, d_sae=D_SAE, arch=arch, k=K, l1_coeff=8e-5))
     sae.init_from_sample(x[:1024])
-    opt = torch.optim.Adam(sae.parameters(), lr=4e-4)
+    opt = make_optimizer(sae, 4e-4)
     since = torch.zeros(D_SAE, dtype=torch.long)
     return lambda: train_step(sae, opt, x, since)
 
@@ -205,7 +205,7 @@ def bench_cache_vs_on_the_fly(n_images: int = 2048, steps: int = 20) -> None:
             torch.manual_seed(0)
             sae = SAE(SAEConfig(d_model=model.d_model, d_sae=exp * model.d_model, arch="topk", k=k))
             sae.init_from_sample(src.sample(4096))
-            opt, since = torch.optim.Adam(sae.parameters(), lr=1e-3), torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+            opt, since = make_optimizer(sae, 1e-3), torch.zeros(sae.cfg.d_sae, dtype=torch.long)
             it = src.batches(bt)
             train_step(sae, opt, next(it), since)  # warm-up
             t0 = time.perf_counter()
