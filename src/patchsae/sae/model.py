@@ -94,13 +94,16 @@ def geometric_median(points_ND: torch.Tensor, iters: int = 200, eps: float = 1e-
 
 
 class _GatherPreActs(torch.autograd.Function):
-    """vals_NK = pre_NS[n, idx_NK] where pre_NS = xc_ND @ W_enc + b_enc was already computed without a graph.
+    """vals_NK = pre_NS[n, idx_NK] where pre_NS = (x_ND - b_dec) @ W_enc + b_enc (x already scaled) was
+    computed without a graph.
 
     The backward touches only the gathered (token, latent) pairs, as sparse products, instead of the dense
-    (tokens x d_sae) gradient autograd would build through pre_NS."""
+    (tokens x d_sae) gradient autograd would build through pre_NS. x is data and gets no gradient, so b_dec's
+    gradient through the encoder is -W_enc (sum of the gathered gradients per latent): a GEMV, not the
+    (tokens x d_model) sparse product a gradient for x would need."""
 
     @staticmethod
-    def forward(ctx, xc_ND, W_enc, b_enc, pre_NS, idx_NK):
+    def forward(ctx, xc_ND, W_enc, b_enc, b_dec, pre_NS, idx_NK):
         ctx.save_for_backward(xc_ND, W_enc, idx_NK)
         return pre_NS.gather(-1, idx_NK)
 
@@ -111,11 +114,10 @@ class _GatherPreActs(torch.autograd.Function):
         rows = torch.arange(n, device=idx_NK.device).repeat_interleave(k)
         g_NS = torch.sparse_coo_tensor(torch.stack([rows, idx_NK.reshape(-1)]), g_NK.reshape(-1), (n, s),
                                        check_invariants=False)
-        gx = torch.sparse.mm(g_NS, W_enc.t()) if ctx.needs_input_grad[0] else None
         gW = torch.sparse.mm(g_NS.t(), xc_ND).t() if ctx.needs_input_grad[1] else None
-        gb = (torch.zeros(s, dtype=g_NK.dtype, device=g_NK.device).index_add_(0, idx_NK.reshape(-1), g_NK.reshape(-1))
-              if ctx.needs_input_grad[2] else None)
-        return gx, gW, gb, None, None
+        gb = torch.zeros(s, dtype=g_NK.dtype, device=g_NK.device).index_add_(0, idx_NK.reshape(-1), g_NK.reshape(-1))
+        gb_dec = -(W_enc @ gb) if ctx.needs_input_grad[3] else None
+        return None, gW, gb if ctx.needs_input_grad[2] else None, gb_dec, None, None
 
 
 class _ReLUObjective(torch.autograd.Function):
@@ -126,14 +128,14 @@ class _ReLUObjective(torch.autograd.Function):
     encoder is -(sum_n g_pre[n]) W_enc^T, a GEMV, where autograd forms the whole (tokens x d_model) product."""
 
     @staticmethod
-    def forward(ctx, xs_ND, W_enc, b_enc, W_dec, b_dec, l1_coeff):
+    def forward(ctx, xs_ND, W_enc, b_enc, W_dec, b_dec, l1_coeff, f_out, g_out, mask_out):
         xc_ND = xs_ND - b_dec
-        f_NS = torch.addmm(b_enc, xc_ND, W_enc).relu_()
+        f_NS = torch.addmm(b_enc, xc_ND, W_enc, out=f_out).relu_()
         err_ND = torch.addmm(b_dec, f_NS, W_dec).sub_(xs_ND)
         n = len(xs_ND)
         mse, l1 = err_ND.pow(2).mean(), f_NS.sum() / n  # f >= 0: the L1 norm is the sum
         ctx.save_for_backward(xc_ND, f_NS, err_ND, W_enc, W_dec)
-        ctx.l1_coeff = l1_coeff
+        ctx.l1_coeff, ctx.g_out, ctx.mask_out = l1_coeff, g_out, mask_out
         ctx.mark_non_differentiable(f_NS, err_ND)
         return mse + l1_coeff * l1, mse, l1, f_NS, err_ND
 
@@ -142,12 +144,12 @@ class _ReLUObjective(torch.autograd.Function):
         xc_ND, f_NS, err_ND, W_enc, W_dec = ctx.saved_tensors
         n, d = err_ND.shape
         g_err_ND = err_ND * ((g_loss + g_mse) * (2.0 / (n * d)))
-        g_NS = torch.mm(g_err_ND, W_dec.t()).add_((g_loss * ctx.l1_coeff + g_l1) / n)
-        g_NS.masked_fill_(f_NS <= 0, 0.0)  # through the ReLU: the pre-activation gradient, in place
+        g_NS = torch.mm(g_err_ND, W_dec.t(), out=ctx.g_out).add_((g_loss * ctx.l1_coeff + g_l1) / n)
+        g_NS.masked_fill_(torch.le(f_NS, 0, out=ctx.mask_out), 0.0)  # through the ReLU, in place
         gb_enc = g_NS.sum(0)
         gx = g_err_ND - g_NS @ W_enc.t() if ctx.needs_input_grad[0] else None
         return (gx, torch.mm(xc_ND.t(), g_NS), gb_enc, torch.mm(f_NS.t(), g_err_ND),
-                g_err_ND.sum(0) - W_enc @ gb_enc, None)
+                g_err_ND.sum(0) - W_enc @ gb_enc, None, None, None, None)
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -210,6 +212,7 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_model))
         self.register_buffer("input_scale", torch.ones(()))
+        self._buffers_: dict[str, torch.Tensor] = {}  # workspaces, see _buffer (not state)
         # only the architectures that use them get these, so older relu/topk files keep loading
         if cfg.arch == "batchtopk":
             self.register_buffer("threshold", torch.zeros(()))  # 0 = no batch seen yet
@@ -282,14 +285,23 @@ class SAE(nn.Module):
         theta = {"relu": 0.0, "batchtopk": self.threshold}.get(arch)
         return _mask_to_pairs(f_NS, pre_NS > (self.log_threshold.exp() if theta is None else theta))
 
+    def _buffer(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """A (tokens x d_sae) workspace reused from step to step: on CPU a fresh 800 MB tensor (4,096 x 49,152)
+        costs more in page faults than its copy. Its contents live until the next call that asks for it."""
+        buf = self._buffers_.get(name)
+        if buf is None or buf.shape != shape or buf.device != like.device or buf.dtype != like.dtype:
+            buf = self._buffers_[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
     def _sparse_code(self, x_ND: torch.Tensor, inference: bool):
         """(vals_NK, idx_NK, xc_ND, pre_NS): values differentiable through the gathered columns only; pre_NS,
-        the one dense product, carries no graph."""
-        xc_ND = self.centred(x_ND)
+        the one dense product, carries no graph and is a reused workspace (valid until the next call); x gets
+        no gradient."""
         with torch.no_grad():
-            pre_NS = torch.addmm(self.b_enc, xc_ND, self.W_enc)
+            xc_ND = self.centred(x_ND)
+            pre_NS = torch.addmm(self.b_enc, xc_ND, self.W_enc, out=self._buffer("pre", (len(x_ND), self.cfg.d_sae), x_ND))
         idx_NK, keep_NK = self._select(pre_NS, inference)
-        vals_NK = F.relu(_GatherPreActs.apply(xc_ND, self.W_enc, self.b_enc, pre_NS, idx_NK))
+        vals_NK = F.relu(_GatherPreActs.apply(xc_ND, self.W_enc, self.b_enc, self.b_dec, pre_NS, idx_NK))
         if keep_NK is not None:
             vals_NK = vals_NK * keep_NK
         return vals_NK, idx_NK, xc_ND, pre_NS
@@ -343,8 +355,11 @@ class SAE(nn.Module):
         return loss, parts
 
     def _relu_loss(self, x_ND, dead_S, stats):
-        loss, mse, l1, f_NS, err_ND = _ReLUObjective.apply(x_ND * self.input_scale, self.W_enc, self.b_enc,
-                                                           self.W_dec, self.b_dec, self.cfg.l1_coeff)
+        shape = (len(x_ND), self.cfg.d_sae)
+        loss, mse, l1, f_NS, err_ND = _ReLUObjective.apply(
+            x_ND * self.input_scale, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.cfg.l1_coeff,
+            self._buffer("f", shape, x_ND), self._buffer("g", shape, x_ND),
+            self._buffer("mask", shape, x_ND.new_empty((), dtype=torch.bool)))
         parts = {"mse": mse.detach(), "l1": l1.detach(), "l0": torch.count_nonzero(f_NS) / len(f_NS),
                  "fired_S": f_NS.amax(0) > 0}
         if self.cfg.ghost_grads and dead_S is not None and dead_S.any():
@@ -401,7 +416,7 @@ class SAE(nn.Module):
             pre_dead_NS = torch.where(dead_S, pre_NS, torch.full_like(pre_NS, -torch.inf))
             idx_NK = pre_dead_NS.topk(aux_k, dim=-1, sorted=False).indices
         vals_NK = (pre_NS.gather(-1, idx_NK) if xc_ND is None
-                   else _GatherPreActs.apply(xc_ND, self.W_enc, self.b_enc, pre_NS, idx_NK))
+                   else _GatherPreActs.apply(xc_ND, self.W_enc, self.b_enc, self.b_dec, pre_NS, idx_NK))
         resid_ND = (-err_ND).detach()
         recon_ND = F.embedding_bag(idx_NK, self.W_dec, per_sample_weights=F.relu(vals_NK), mode="sum")
         denom = stats.mean((resid_ND - stats.mean(resid_ND.mean(0))).pow(2).mean()).clamp_min(1e-12)
