@@ -28,6 +28,7 @@ from patchsae import PatchSAEError
 
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
 TOPK_FAMILY = ("topk", "batchtopk")
+RELU_SPARSE_DENSITY = 0.02  # ReLU training runs sparse while at most this fraction of (token, latent) pairs fire
 THRESHOLD_EMA = 0.01  # BatchTopK: weight of each batch's smallest kept activation in the running threshold
 
 
@@ -103,21 +104,23 @@ class _GatherPreActs(torch.autograd.Function):
     (tokens x d_model) sparse product a gradient for x would need."""
 
     @staticmethod
-    def forward(ctx, xc_ND, W_enc, b_enc, b_dec, pre_NS, idx_NK):
-        ctx.save_for_backward(xc_ND, W_enc, idx_NK)
-        return pre_NS.gather(-1, idx_NK)
+    def forward(ctx, xc_ND, W_enc, b_enc, b_dec, pre_NS, idx_NK, rows=None):
+        """idx_NK (tokens, k) latents per token; or, with `rows`, flat (row, latent) pairs rows[i], idx_NK[i]."""
+        ctx.save_for_backward(xc_ND, W_enc, idx_NK, rows)
+        return pre_NS.gather(-1, idx_NK) if rows is None else pre_NS[rows, idx_NK]
 
     @staticmethod
     def backward(ctx, g_NK):
-        xc_ND, W_enc, idx_NK = ctx.saved_tensors
-        (n, k), s = idx_NK.shape, W_enc.shape[1]
-        rows = torch.arange(n, device=idx_NK.device).repeat_interleave(k)
-        g_NS = torch.sparse_coo_tensor(torch.stack([rows, idx_NK.reshape(-1)]), g_NK.reshape(-1), (n, s),
-                                       check_invariants=False)
+        xc_ND, W_enc, idx_NK, rows = ctx.saved_tensors
+        n, s = len(xc_ND), W_enc.shape[1]
+        if rows is None:
+            rows = torch.arange(n, device=idx_NK.device).repeat_interleave(idx_NK.shape[1])
+        cols, g = idx_NK.reshape(-1), g_NK.reshape(-1)
+        g_NS = torch.sparse_coo_tensor(torch.stack([rows, cols]), g, (n, s), check_invariants=False)
         gW = torch.sparse.mm(g_NS.t(), xc_ND).t() if ctx.needs_input_grad[1] else None
-        gb = torch.zeros(s, dtype=g_NK.dtype, device=g_NK.device).index_add_(0, idx_NK.reshape(-1), g_NK.reshape(-1))
+        gb = torch.zeros(s, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
         gb_dec = -(W_enc @ gb) if ctx.needs_input_grad[3] else None
-        return None, gW, gb if ctx.needs_input_grad[2] else None, gb_dec, None, None
+        return None, gW, gb if ctx.needs_input_grad[2] else None, gb_dec, None, None, None
 
 
 class _ReLUObjective(torch.autograd.Function):
@@ -128,9 +131,10 @@ class _ReLUObjective(torch.autograd.Function):
     encoder is -(sum_n g_pre[n]) W_enc^T, a GEMV, where autograd forms the whole (tokens x d_model) product."""
 
     @staticmethod
-    def forward(ctx, xs_ND, W_enc, b_enc, W_dec, b_dec, l1_coeff, f_out, g_out, mask_out):
+    def forward(ctx, xs_ND, W_enc, b_enc, W_dec, b_dec, l1_coeff, pre_NS, g_out, mask_out):
+        """pre_NS = (xs - b_dec) W_enc + b_enc, computed by the caller without a graph; it becomes f in place."""
         xc_ND = xs_ND - b_dec
-        f_NS = torch.addmm(b_enc, xc_ND, W_enc, out=f_out).relu_()
+        f_NS = pre_NS.relu_()
         err_ND = torch.addmm(b_dec, f_NS, W_dec).sub_(xs_ND)
         n = len(xs_ND)
         mse, l1 = err_ND.pow(2).mean(), f_NS.sum() / n  # f >= 0: the L1 norm is the sum
@@ -355,11 +359,41 @@ class SAE(nn.Module):
         return loss, parts
 
     def _relu_loss(self, x_ND, dead_S, stats):
-        shape = (len(x_ND), self.cfg.d_sae)
+        """Sparse while few latents fire (a trained ReLU SAE: the paper's L0 of 149 is 0.3 % of 49,152), else
+        the dense objective; both compute the same loss and gradients."""
+        with torch.no_grad():
+            xc_ND = self.centred(x_ND)
+            pre_NS = torch.addmm(self.b_enc, xc_ND, self.W_enc, out=self._buffer("pre", (len(x_ND), self.cfg.d_sae), x_ND))
+            on_NS = torch.gt(pre_NS, 0, out=self._buffer("mask", pre_NS.shape, x_ND.new_empty((), dtype=torch.bool)))
+            nnz = int(torch.count_nonzero(on_NS))
+        if nnz <= RELU_SPARSE_DENSITY * on_NS.numel():
+            return self._relu_sparse_loss(x_ND, xc_ND, pre_NS, on_NS, dead_S, stats)
+        return self._relu_dense_loss(x_ND, pre_NS, dead_S, stats)
+
+    def _relu_sparse_loss(self, x_ND, xc_ND, pre_NS, on_NS, dead_S, stats):
+        """The ReLU loss from the (token, latent) pairs with pre > 0: encoder gradient through the gathered
+        pairs, decoder as embedding bags of variable size."""
+        n = len(x_ND)
+        with torch.no_grad():
+            rows, cols = on_NS.nonzero(as_tuple=True)  # row-major: rows sorted
+            offsets = torch.searchsorted(rows, torch.arange(n, device=rows.device))
+        vals = _GatherPreActs.apply(xc_ND, self.W_enc, self.b_enc, self.b_dec, pre_NS, cols, rows)
+        x_hat = F.embedding_bag(cols, self.W_dec, offsets, per_sample_weights=vals, mode="sum") + self.b_dec
+        err_ND = x_hat - x_ND * self.input_scale
+        mse, l1 = err_ND.pow(2).mean(), vals.sum() / n
+        loss = mse + self.cfg.l1_coeff * l1
+        parts = {"mse": mse.detach(), "l1": l1.detach(), "l0": torch.tensor(len(cols) / n, device=x_ND.device),
+                 "fired_S": torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x_ND.device).index_fill_(0, cols, True)}
+        if self.cfg.ghost_grads and dead_S is not None and dead_S.any():
+            ghost = self._ghost_loss(x_ND, err_ND, mse, dead_S, stats)
+            loss = loss + ghost
+            parts["ghost"] = ghost.detach()
+        return loss, parts
+
+    def _relu_dense_loss(self, x_ND, pre_NS, dead_S, stats):
         loss, mse, l1, f_NS, err_ND = _ReLUObjective.apply(
-            x_ND * self.input_scale, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.cfg.l1_coeff,
-            self._buffer("f", shape, x_ND), self._buffer("g", shape, x_ND),
-            self._buffer("mask", shape, x_ND.new_empty((), dtype=torch.bool)))
+            x_ND * self.input_scale, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.cfg.l1_coeff, pre_NS,
+            self._buffer("g", pre_NS.shape, x_ND), self._buffer("mask", pre_NS.shape, x_ND.new_empty((), dtype=torch.bool)))
         parts = {"mse": mse.detach(), "l1": l1.detach(), "l0": torch.count_nonzero(f_NS) / len(f_NS),
                  "fired_S": f_NS.amax(0) > 0}
         if self.cfg.ghost_grads and dead_S is not None and dead_S.any():
