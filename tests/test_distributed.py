@@ -132,3 +132,13 @@ def test_killed_two_process_run_resumes_to_the_same_weights(runs):
     for k in one:
         assert torch.allclose(one[k], resumed[k], rtol=1e-4, atol=1e-5), k
     assert json.loads((runs / "sae2_killed" / "config.json").read_text())["tokens_trained"] == 9 * 767
+
+
+def test_stages_that_are_not_distributed_refuse_torchrun(monkeypatch, tmp_path, capsys):
+    from patchsae import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["quickstart", "--run", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "torchrun" in err and "`quickstart`" in err
+    assert not (tmp_path / "run").exists()

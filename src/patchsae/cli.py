@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
 
@@ -262,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in ("cache", "train"):
+            raise PatchSAEError(f"`{args.command}` runs in one process; under torchrun only `cache` and `train` "
+                                "are distributed")
         args.fn(args)
     except PatchSAEError as exc:
         print(f"patchsae: error: {exc}", file=sys.stderr)
