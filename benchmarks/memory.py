@@ -18,11 +18,12 @@ N_IMAGES = int(os.environ.get("BENCH_MEM_IMAGES", 20_000))
 TRAIN_STEPS = int(os.environ.get("BENCH_MEM_STEPS", 300))
 
 
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+def status_mb(*keys: str) -> list[float]:
+    """Fields of /proc/self/status in MB: VmHWM is the peak resident set; RssAnon / RssFile split the current
+    one into process memory and pages of mapped files (the memory-mapped cache: page cache the kernel can
+    drop, shared with other readers)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return [int(fields[k].split()[0]) / 1024 for k in keys]
 
 
 def child(stage: str, folder: str) -> None:
@@ -50,14 +51,14 @@ def child(stage: str, folder: str) -> None:
         train_sae(SAEConfig(d_model=model.d_model, d_sae=E["expansion"] * model.d_model, arch="topk", k=E["k"]),
                   TrainConfig(total_tokens=TRAIN_STEPS * E["batch_tokens"], batch_tokens=E["batch_tokens"]),
                   src, Path(folder) / "sae", progress=False)
-    print(f"{peak_rss_mb():.1f}")
+    print(*(f"{v:.1f}" for v in status_mb("VmHWM", "RssAnon", "RssFile")))
 
 
-def run_child(stage: str, folder: str) -> tuple[float, float]:
+def run_child(stage: str, folder: str) -> tuple[list[float], float]:
     t = time.perf_counter()
     out = subprocess.run([sys.executable, __file__, "--child", stage, folder], check=True, capture_output=True,
                          text=True).stdout
-    return float(out.split()[-1]), time.perf_counter() - t
+    return [float(v) for v in out.split()[-3:]], time.perf_counter() - t
 
 
 def main() -> None:
@@ -67,15 +68,17 @@ def main() -> None:
         rows = []
         for stage, what in (("load", "import + load the model (floor)"), ("extract", f"extract {N_IMAGES:,} images"),
                             ("train", f"train {TRAIN_STEPS} steps from the cache")):
-            mb, secs = run_child(stage, tmp)
-            rows.append((what, mb, secs))
-            print(f"  {what}: {mb:,.0f} MB peak RSS ({secs:.0f} s)", flush=True)
+            (mb, anon, file), secs = run_child(stage, tmp)
+            rows.append((what, mb, anon, file))
+            print(f"  {what}: {mb:,.0f} MB peak RSS; at the end {anon:,.0f} MB anonymous + {file:,.0f} MB "
+                  f"file-backed ({secs:.0f} s)", flush=True)
         disk = sum(p.stat().st_size for p in (Path(tmp) / "cache").iterdir()) / 2**20
     print(f"  cache on disk: {disk:,.0f} MB")
-    print("\n| stage | peak RSS | above the floor | cache on disk |\n|---|---|---|---|")
+    print("\n| stage | peak RSS | above the floor | at the end: anonymous / file-backed | cache on disk |\n"
+          "|---|---|---|---|---|")
     floor = rows[0][1]
-    for what, mb, _ in rows:
-        print(f"| {what} | {mb:,.0f} MB | {mb - floor:,.0f} MB | {disk:,.0f} MB |")
+    for what, mb, anon, file in rows:
+        print(f"| {what} | {mb:,.0f} MB | {mb - floor:,.0f} MB | {anon:,.0f} / {file:,.0f} MB | {disk:,.0f} MB |")
 
 
 if __name__ == "__main__":
