@@ -9,8 +9,8 @@ ratios of implementations run side by side in this one process on the same data 
      and block 8 (of 12, the paper's numbering) vs a full forward with output_hidden_states.
   c. SAE training on the embedded model from the fp16 cache vs extracting activations on the fly.
 
-Each time is the best of BENCH_REPS repetitions after one warm-up; BENCH_THREADS sets torch's threads
-(default: all cores). Section d (peak memory) is benchmarks/memory.py.
+Each time is the best of BENCH_REPS (2) repetitions after one warm-up, BENCH_STEP_REPS (1) for the SAE steps
+of section a; BENCH_THREADS sets torch's threads (default: all cores). Section d (peak memory) is benchmarks/memory.py.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ D_MODEL, K = 768, 64
 D_SAE = int(os.environ.get("BENCH_D_SAE", 49_152))  # smaller values only for trying changes quickly
 TOKENS = int(os.environ.get("BENCH_TOKENS", 4_096))
 REPS = int(os.environ.get("BENCH_REPS", "2"))
+STEP_REPS = int(os.environ.get("BENCH_STEP_REPS", "1"))  # section a: a dense 49,152-wide step takes 10-50 s here
 ROWS: list[tuple[str, str, str]] = []  # (section, comparison, result)
 
 
@@ -123,7 +124,7 @@ def saelens(arch: str, x: torch.Tensor, sparse: bool = False, weights: SAE | Non
 def timed(name: str, make) -> float | None:
     """Seconds per step, or None (printed as failed) if this implementation raises on this machine."""
     try:
-        t = best_time(make())
+        t = best_time(make(), STEP_REPS)
     except Exception as exc:  # noqa: BLE001 - a peer's setting that fails here is reported, not hidden
         print(f"  {name}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:90]})", flush=True)
         return None
@@ -262,7 +263,7 @@ def main() -> None:
     for s in sections:
         {"a": bench_sae_step, "b": bench_extraction, "c": bench_cache_vs_on_the_fly}[s]()
     print(f"\nbenchmark summary (python benchmarks/bench.py {' '.join(sections)}; {time.time() - t0:.0f} s, "
-          f"{torch.get_num_threads()} threads, best of {REPS} after a warm-up)")
+          f"{torch.get_num_threads()} threads; after a warm-up, best of {STEP_REPS} SAE steps, of {REPS} otherwise)")
     print(f"| section | comparison | ratio |\n|---|---|---|")
     for section, what, value in ROWS:
         print(f"| {section} | {what} | {value} |")
