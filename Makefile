@@ -32,5 +32,15 @@ quickstart: setup
 test: setup
 	$(PY) -m pytest -q
 
+# Speed and memory benchmarks (ratios measured side by side in one process; README "Speed and scale").
+# Installs the peers of the [bench] extra (sae-lens) into the same venv: it leaves torch and transformers as pinned.
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	touch $@
+
+bench: setup $(VENV)/.bench-installed
+	$(PY) benchmarks/bench.py a b c
+	$(PY) benchmarks/memory.py
+
 clean:
 	rm -rf $(VENV) runs

@@ -18,7 +18,8 @@ class MemTokens:
     def sample(self, n):
         return self.x[:n].clone()
 
-    def batches(self, batch_size, start_step=0):
+    def batches(self, batch_size, start_step=0, rank=0, world=1):
+        """Rank's part of each global batch (a distributed trainer's slice), like CachedTokens."""
         step = start_step
         while True:
             if self.fail_after is not None and self.produced >= self.fail_after:
@@ -28,7 +29,7 @@ class MemTokens:
             if step == self.nan_at_step:
                 b[3, 5] = float("nan")
             self.produced += 1
-            yield b
+            yield b.tensor_split(world)[rank]
             step += 1
 
 

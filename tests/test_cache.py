@@ -339,3 +339,64 @@ def test_streamed_tokens_every_batch_has_requested_size(tiny, fm_test, n_images)
     it = src.batches(bs)
     sizes = [len(next(it)) for _ in range(2 * -(-n_images // 2))]  # two epochs
     assert sizes == [bs] * len(sizes)
+
+
+# ---- two-level shuffle (chunks of images, then tokens within a window of chunks) -------------------------------
+SMALL = dict(chunk_images=2, window_chunks=2)  # 12 images -> 6 chunks -> 3 windows of 28 tokens
+
+
+@pytest.mark.parametrize("batch_size", [10, 28, 84])
+def test_two_level_shuffle_epochs_resume_and_rank_slices(fake_cache, batch_size):
+    src = CachedTokens(fake_cache, "all", seed=5, **SMALL)
+    per_epoch = src.steps_per_epoch(batch_size)
+    ref = [_ids(b) for b, _ in zip(src.batches(batch_size), range(2 * per_epoch + 1))]
+    for e in range(2):
+        flat = [t for b in ref[e * per_epoch: (e + 1) * per_epoch] for t in b]
+        assert sorted(flat) == sorted(_expected_tokens({"cls", "patch"}))
+    assert per_epoch == 1 or ref[:per_epoch] != ref[per_epoch: 2 * per_epoch]
+    # a resumed source, and the ranks of a 3-process run, see the same global batches
+    for s in (1, per_epoch, per_epoch + 1):
+        again = CachedTokens(fake_cache, "all", seed=5, **SMALL).batches(batch_size, start_step=s)
+        assert [_ids(next(again)) for _ in range(len(ref) - s)] == ref[s:]
+    parts = [CachedTokens(fake_cache, "all", seed=5, **SMALL).batches(batch_size, rank=r, world=3) for r in range(3)]
+    for want in ref:
+        got = [_ids(next(p)) for p in parts]
+        assert max(map(len, got)) - min(map(len, got)) <= 1
+        assert sorted(t for g in got for t in g) == sorted(want)
+
+
+def test_two_level_shuffle_draws_a_batch_from_one_window_of_chunks(fake_cache):
+    src = CachedTokens(fake_cache, "all", seed=2, **SMALL)
+    it = src.batches(28)  # one window per batch
+    chunks_of_epoch = set()
+    for _ in range(3):
+        chunks = {r // 2 for r, _ in _ids(next(it))}
+        assert len(chunks) == 2  # the tokens of two chunks (4 images), all of them
+        chunks_of_epoch |= chunks
+    assert chunks_of_epoch == set(range(6))
+    assert max(len(w) for w in src._windows.values()) == 28  # the largest index array it holds
+
+
+def test_cached_tokens_never_holds_a_permutation_of_all_tokens(tmp_path):
+    """An ImageNet-sized cache (1.3 M images x 197 tokens = 256 M tokens; sparse files, nothing written):
+    the first batches need a few MB, where one permutation of all tokens would need 1 GB."""
+    import tracemalloc
+
+    n, t = 1_300_000, 197
+    np.lib.format.open_memmap(tmp_path / "shard_00000.npy", mode="w+", dtype=np.float16, shape=(n, t, 1)).flush()
+    np.save(tmp_path / "shard_00000.index.npy", np.zeros((1, 2), np.int64))
+    manifest = {"format": FORMAT, "model": "fake", "layer": 0, "d_model": 1, "dataset": "fake", "split": "x",
+                "max_images": None, "class_names": ["a"], "layout": {"n_cls": 1, "n_prompt": 0, "grid": [14, 14],
+                "kinds": ["cls"] + ["patch"] * 196}, "n_tokens_per_image": t, "dtype": "float16", "n_images": n,
+                "shards": [{"file": "shard_00000.npy", "index_file": "shard_00000.index.npy", "n_images": n}],
+                "skipped": []}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    src = CachedTokens(ActivationCache(tmp_path), "all", seed=0)
+    assert src.n_tokens == n * t
+    tracemalloc.start()
+    it = src.batches(4096, start_step=1000)
+    for _ in range(3):
+        assert next(it).shape == (4096, 1)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MB"

@@ -346,3 +346,64 @@ def test_sae_config_rejects_bad_settings(kw):
 def test_sae_config_accepts_edge_k():
     assert SAEConfig(d_model=16, d_sae=64, arch="topk", k=64).k == 64
     assert SAEConfig(d_model=16, d_sae=64, arch="topk", k=1).k == 1
+
+
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_fused_relu_loss_gradients_equal_autograd_of_the_formula(with_dead):
+    """The ReLU loss has a hand-written backward (no (tokens x d_sae) GEMM for b_dec); its gradients must be
+    autograd's gradients of mse + lambda * L1 (+ ghost term) written out plainly, in float64."""
+    torch.manual_seed(3)
+    sae = SAE(SAEConfig(d_model=8, d_sae=24, l1_coeff=0.07)).double()
+    x = _data(n=96, d=8, seed=3).double()
+    sae.init_from_sample(x)
+    with torch.no_grad():
+        sae.b_enc.uniform_(-0.3, 0.3)
+    dead = _dead_mask(24, [1, 7, 20]) if with_dead else None
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    loss, parts = sae.loss(x, dead)
+    got = torch.autograd.grad(loss, params)
+
+    xs = x * sae.input_scale
+    f = torch.relu((xs - sae.b_dec) @ sae.W_enc + sae.b_enc)
+    err = f @ sae.W_dec + sae.b_dec - xs
+    mse = err.pow(2).mean()
+    ref = mse + 0.07 * f.sum(-1).mean()
+    if with_dead:
+        ref = ref + sae._ghost_loss(x, err, mse, dead)
+    want = torch.autograd.grad(ref, params)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    assert (f == 0).any() and (f > 0).any()
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-10, atol=1e-12)
+    assert parts["l0"].item() == pytest.approx((f > 0).sum(-1).double().mean().item())
+    assert parts["fired_S"].tolist() == (f > 0).any(0).tolist()
+
+
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_sparse_relu_path_equals_dense_relu_path(monkeypatch, with_dead):
+    """Training switches to the sparse ReLU path when few (token, latent) pairs fire; both paths must give the
+    same loss, parts and gradients (float64)."""
+    from patchsae.sae import model as M
+
+    torch.manual_seed(4)
+    sae = SAE(SAEConfig(d_model=8, d_sae=48, l1_coeff=0.05)).double()
+    x = _data(n=80, d=8, seed=4).double()
+    sae.init_from_sample(x)
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.8)  # sparse codes, as in a trained SAE; some tokens with no active latent
+    dead = _dead_mask(48, [0, 5, 33]) if with_dead else None
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    out = {}
+    for name, density in (("dense", 0.0), ("sparse", 1.0)):
+        monkeypatch.setattr(M, "RELU_SPARSE_DENSITY", density)
+        loss, parts = sae.loss(x, dead)
+        out[name] = (loss.detach(), parts, torch.autograd.grad(loss, params))
+    (ld, pd, gd), (ls, ps, gs) = out["dense"], out["sparse"]
+    f = sae.encode(x).detach()
+    assert 0 < (f > 0).double().mean() < 0.3 and ((f > 0).sum(-1) == 0).any()
+    assert torch.allclose(ld, ls, rtol=1e-12)
+    for key in ("mse", "l1", "l0"):
+        assert pd[key].item() == pytest.approx(ps[key].item(), rel=1e-12)
+    assert torch.equal(pd["fired_S"], ps["fired_S"])
+    for a, b in zip(gd, gs):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)

@@ -97,7 +97,15 @@ def test_sparse_training_path_never_builds_a_graph_through_the_dense_preacts(mon
         seen.append((tuple(out.shape), out.requires_grad))
         return out
 
+    real_addmm = torch.addmm
+
+    def spy_addmm(*args, **kw):
+        out = real_addmm(*args, **kw)
+        seen.append((tuple(out.shape), out.requires_grad))
+        return out
+
     monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    monkeypatch.setattr(torch, "addmm", spy_addmm)
     loss, _ = sae.loss(x, torch.arange(64) % 3 == 0)
     loss.backward()
     dense = [rg for shape, rg in seen if shape == (len(x), 64)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from dataclasses import fields
@@ -78,14 +79,30 @@ def _dry_run(args) -> None:
     print(format_dry_run(cfg, budget(cfg)))
 
 
+def _init_run(args):
+    """Create or check the run's config; under torchrun (several ranks), rank 0 does it while the others wait.
+    Returns (run, dist)."""
+    from patchsae.dist import Dist
+
+    run = Run(args.run)
+    device = _overrides(args).get("device") or (run.load_config().device if run.config_file.exists()
+                                                 else _start(args).device)
+    dist = Dist.from_env(device)
+    if dist.is_main:
+        run.init(_start(args), _overrides(args))
+    dist.barrier()
+    return run, dist
+
+
 def cmd_cache(args):
     from patchsae.pipeline import stage_cache
 
     if args.dry_run:
         return _dry_run(args)
-    run = Run(args.run)
-    run.init(_start(args), _overrides(args))
-    m = stage_cache(run)
+    run, dist = _init_run(args)
+    m = stage_cache(run, dist=dist)
+    if not dist.is_main:
+        return
     print(f"cached {m['n_images']} images x {m['n_tokens_per_image']} tokens x {m['d_model']} "
           f"(block {m['layer']}) in {run.cache_dir(m['split'])}")
 
@@ -95,10 +112,10 @@ def cmd_train(args):
 
     if args.dry_run:
         return _dry_run(args)
-    run = Run(args.run)
-    run.init(_start(args), _overrides(args))
-    sae = stage_train(run, on_the_fly=args.on_the_fly)
-    print(f"trained SAE {sae.cfg.d_model} -> {sae.cfg.d_sae} ({sae.cfg.arch}) in {run.sae_dir}")
+    run, dist = _init_run(args)
+    sae = stage_train(run, on_the_fly=args.on_the_fly, dist=dist)
+    if dist.is_main:
+        print(f"trained SAE {sae.cfg.d_model} -> {sae.cfg.d_sae} ({sae.cfg.arch}) in {run.sae_dir}")
 
 
 def cmd_evaluate(args):
@@ -432,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in ("cache", "train"):
+            raise PatchSAEError(f"`{args.command}` runs in one process; under torchrun only `cache` and `train` "
+                                "are distributed")
         args.fn(args)
     except PatchSAEError as exc:
         print(f"patchsae: error: {exc}", file=sys.stderr)
@@ -439,6 +459,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("patchsae: interrupted; rerun the same command to continue from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
     return 0
 
 

@@ -6,6 +6,7 @@ import sys
 import time
 
 from patchsae import PatchSAEError
+from patchsae.dist import Dist
 from patchsae.run import Run, RunConfig
 from patchsae.utils import read_json, write_json
 
@@ -14,25 +15,26 @@ SUMMARY_KEYS = ("model", "dataset", "layer", "d_model", "d_sae", "arch", "tokens
                 "spliced_accuracy", "zero_ablated_accuracy", "seconds")
 
 
-def _model(cfg: RunConfig):
+def _model(cfg: RunConfig, dist: Dist = Dist()):
     from patchsae.models.load import load_model
 
-    return load_model(cfg.model, cfg.device)
+    return load_model(cfg.model, dist.device(cfg.device))
 
 
-def stage_cache(run: Run, model=None, progress: bool = True) -> dict:
+def stage_cache(run: Run, model=None, progress: bool = True, dist: Dist = Dist()) -> dict:
     from patchsae.activations.cache import build_cache
     from patchsae.data import open_dataset
 
     cfg = run.load_config()
-    model = model or _model(cfg)
+    model = model or _model(cfg, dist)
     ds = open_dataset(cfg.dataset, cfg.train_split, path=cfg.dataset_path)
     return build_cache(model, ds, cfg.layer, run.cache_dir(cfg.train_split), batch_size=cfg.batch_images,
-                       max_images=cfg.max_train_images, progress=progress)
+                       max_images=cfg.max_train_images, progress=progress, dist=dist)
 
 
-def stage_train(run: Run, progress: bool = True, on_the_fly: bool = False):
-    """Train on the run's cache, or (on_the_fly) extract activations for every step with no cache."""
+def stage_train(run: Run, progress: bool = True, on_the_fly: bool = False, dist: Dist = Dist()):
+    """Train on the run's cache, or (on_the_fly) extract activations for every step with no cache. Under
+    torchrun (`dist`), every rank trains on its slice of each global batch of the cache."""
     from patchsae.activations.cache import ActivationCache
     from patchsae.activations.tokens import CachedTokens, StreamedTokens
     from patchsae.sae.model import SAEConfig
@@ -42,6 +44,9 @@ def stage_train(run: Run, progress: bool = True, on_the_fly: bool = False):
     if on_the_fly:
         from patchsae.data import open_dataset
 
+        if dist.active:
+            raise PatchSAEError("--on-the-fly trains in one process; cache first (`torchrun ... patchsae cache`) "
+                                "to train on several")
         model = _model(cfg)
         from patchsae.data.base import FirstN
 
@@ -57,7 +62,7 @@ def stage_train(run: Run, progress: bool = True, on_the_fly: bool = False):
     train_cfg = TrainConfig(total_tokens=int(cfg.epochs * source.n_tokens), batch_tokens=cfg.batch_tokens,
                             lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed, device=cfg.device)
     return train_sae(sae_cfg, train_cfg, source, run.sae_dir, progress=progress,
-                     provenance={"model": cfg.model, "layer": layer, "tokens": cfg.tokens})
+                     provenance={"model": cfg.model, "layer": layer, "tokens": cfg.tokens}, dist=dist)
 
 
 def stage_evaluate(run: Run, model=None, progress: bool = True) -> dict:

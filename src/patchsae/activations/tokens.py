@@ -24,27 +24,69 @@ def token_positions(kinds: list[str], tokens: str) -> np.ndarray:
     return np.array([i for i, k in enumerate(kinds) if k in TOKEN_SETS[tokens]], dtype=np.int64)
 
 
+CHUNK_IMAGES = 16  # images whose tokens stay together in the first shuffle level (contiguous on disk)
+WINDOW_CHUNKS = 256  # chunks whose tokens are shuffled together in the second level
+
+
 class CachedTokens:
-    def __init__(self, cache: ActivationCache, tokens: str = "all", seed: int = 0):
+    """Token batches from the cache in a two-level shuffle, so no permutation of all tokens is ever held
+    (250 M tokens would need 1-2 GB): each epoch permutes chunks of CHUNK_IMAGES consecutive images, cuts that
+    order into windows of WINDOW_CHUNKS chunks (4,096 images here; 807 k tokens at ViT-B/16) and permutes the
+    tokens inside each window. A batch therefore mixes tokens of hundreds of images from anywhere in the cache,
+    the reads inside a chunk are contiguous, and memory is O(images / CHUNK_IMAGES + window tokens).
+
+    Batch s depends only on (seed, s); `batches(..., rank, world)` yields rank's slice of each global batch,
+    so ranks of a distributed run together see exactly the tokens one process would."""
+
+    def __init__(self, cache: ActivationCache, tokens: str = "all", seed: int = 0, chunk_images: int = CHUNK_IMAGES,
+                 window_chunks: int = WINDOW_CHUNKS):
         self.cache = cache
         self.positions = token_positions(cache.kinds, tokens)
         self.seed = seed
         self.n_tokens = cache.n_images * len(self.positions)
         if self.n_tokens == 0:
             raise PatchSAEError(f"the cache in {cache.folder} holds no tokens of the selected kind")
-        self._perm_epoch, self._perm = -1, None
+        self.chunk_images, self.window_chunks = chunk_images, window_chunks
+        self.n_chunks = -(-cache.n_images // chunk_images)
+        self._epoch, self._order, self._window_starts = -1, None, None
+        self._windows: dict[int, np.ndarray] = {}
 
     def _gather(self, ids: np.ndarray) -> torch.Tensor:
         ids = np.sort(ids)
         p = len(self.positions)
         return torch.from_numpy(self.cache.rows(ids // p, self.positions[ids % p]).astype(np.float32))
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            dtype = np.int32 if self.n_tokens < 2**31 else np.int64
-            self._perm, self._perm_epoch = rng.permutation(self.n_tokens).astype(dtype), epoch
-        return self._perm
+    def _plan(self, epoch: int) -> None:
+        """The epoch's chunk order and the token offset at which each window starts."""
+        if epoch == self._epoch:
+            return
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_chunks)
+        sizes = np.minimum(self.chunk_images, self.cache.n_images - order * self.chunk_images) * len(self.positions)
+        ends = np.cumsum(sizes)[self.window_chunks - 1:: self.window_chunks]
+        if len(ends) == 0 or ends[-1] != self.n_tokens:
+            ends = np.append(ends, self.n_tokens)
+        self._epoch, self._order, self._window_starts, self._windows = epoch, order, np.concatenate([[0], ends]), {}
+
+    def _window(self, w: int) -> np.ndarray:
+        """Global token ids of window w of the current epoch, in shuffled order."""
+        if w not in self._windows:
+            p, ci = len(self.positions), self.chunk_images
+            chunks = self._order[w * self.window_chunks: (w + 1) * self.window_chunks]
+            ids = np.concatenate([np.arange(c * ci * p, min((c + 1) * ci, self.cache.n_images) * p) for c in chunks])
+            rng = np.random.default_rng([self.seed, self._epoch, w + 1])
+            self._windows = {w: ids[rng.permutation(len(ids))], **{k: v for k, v in self._windows.items() if k == w - 1}}
+        return self._windows[w]
+
+    def _batch_ids(self, epoch: int, b: int, batch_size: int) -> np.ndarray:
+        self._plan(epoch)
+        lo, hi = b * batch_size, min((b + 1) * batch_size, self.n_tokens)
+        starts, parts = self._window_starts, []
+        w = int(np.searchsorted(starts, lo, side="right") - 1)
+        while lo < hi:
+            end = min(hi, int(starts[w + 1]))
+            parts.append(self._window(w)[lo - starts[w]: end - starts[w]])
+            lo, w = end, w + 1
+        return np.concatenate(parts)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-self.n_tokens // batch_size)
@@ -54,12 +96,15 @@ class CachedTokens:
         rng = np.random.default_rng([self.seed, 2**31 - 1])
         return self._gather(rng.choice(self.n_tokens, size=min(n, self.n_tokens), replace=False))
 
-    def batches(self, batch_size: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+    def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
+        """Global batch s is tokens s*batch_size.. of the epoch's order (the epoch's last batch may be short);
+        rank r of `world` gets the r-th of `world` near-equal parts of it, in token-id order."""
         per_epoch = self.steps_per_epoch(batch_size)
         step = start_step
         while True:
             epoch, b = divmod(step, per_epoch)
-            yield self._gather(self._permutation(epoch)[b * batch_size: (b + 1) * batch_size])
+            ids = np.sort(self._batch_ids(epoch, b, batch_size))
+            yield self._gather(np.array_split(ids, world)[rank])
             step += 1
 
 

@@ -93,13 +93,13 @@ def load_training_state(path: str | Path, sae: SAE, opt: torch.optim.Optimizer) 
         sae.load_state_dict(model_state)
     except RuntimeError as exc:
         raise PatchSAEError(f"{path}: checkpoint does not match this SAE's shape ({str(exc).splitlines()[-1].strip()})") from None
-    for name, p in sae.named_parameters():
-        st = {}
-        for key in ("exp_avg", "exp_avg_sq"):
-            if f"opt.{name}.{key}" in tensors:
-                st[key] = tensors[f"opt.{name}.{key}"].to(p.device)
+    # through load_state_dict, which gives each optimiser implementation (fused or not) its own state layout
+    opt_state = opt.state_dict()
+    for i, (name, p) in enumerate(sae.named_parameters()):
+        st = {key: tensors[f"opt.{name}.{key}"] for key in ("exp_avg", "exp_avg_sq") if f"opt.{name}.{key}" in tensors}
         if f"{name}.step" in opt_meta:
-            st["step"] = torch.tensor(opt_meta[f"{name}.step"])
+            st["step"] = torch.tensor(opt_meta[f"{name}.step"], dtype=torch.float32)
         if st:
-            opt.state[p] = st
+            opt_state["state"][i] = st
+    opt.load_state_dict(opt_state)
     return step, since_fired, info

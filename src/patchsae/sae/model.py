@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,7 @@ from patchsae import PatchSAEError
 
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
 TOPK_FAMILY = ("topk", "batchtopk")
+RELU_SPARSE_DENSITY = 0.02  # ReLU training runs sparse while at most this fraction of (token, latent) pairs fire
 THRESHOLD_EMA = 0.01  # BatchTopK: weight of each batch's smallest kept activation in the running threshold
 
 
@@ -57,6 +59,24 @@ class SAEConfig:
         return asdict(self)
 
 
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """How the few batch-level statistics of a loss (AuxK's residual variance, the ghost-grad scale,
+    BatchTopK's smallest kept activation) are reduced. One process: the identity. A distributed trainer passes
+    functions that turn a rank's mean over its tokens into the mean over the global batch, and a rank's minimum
+    into the global one, so every rank computes the loss of the same global batch."""
+
+    mean: Callable[[torch.Tensor], torch.Tensor] = _same
+    min: Callable[[torch.Tensor], torch.Tensor] = _same
+
+
+LOCAL = BatchStats()
+
+
 def geometric_median(points_ND: torch.Tensor, iters: int = 200, eps: float = 1e-8) -> torch.Tensor:
     """Weiszfeld's algorithm in float64: the point minimising the sum of Euclidean distances.
 
@@ -75,28 +95,65 @@ def geometric_median(points_ND: torch.Tensor, iters: int = 200, eps: float = 1e-
 
 
 class _GatherPreActs(torch.autograd.Function):
-    """vals_NK = pre_NS[n, idx_NK] where pre_NS = xc_ND @ W_enc + b_enc was already computed without a graph.
+    """vals_NK = pre_NS[n, idx_NK] where pre_NS = (x_ND - b_dec) @ W_enc + b_enc (x already scaled) was
+    computed without a graph.
 
     The backward touches only the gathered (token, latent) pairs, as sparse products, instead of the dense
-    (tokens x d_sae) gradient autograd would build through pre_NS."""
+    (tokens x d_sae) gradient autograd would build through pre_NS. x is data and gets no gradient, so b_dec's
+    gradient through the encoder is -W_enc (sum of the gathered gradients per latent): a GEMV, not the
+    (tokens x d_model) sparse product a gradient for x would need."""
 
     @staticmethod
-    def forward(ctx, xc_ND, W_enc, b_enc, pre_NS, idx_NK):
-        ctx.save_for_backward(xc_ND, W_enc, idx_NK)
-        return pre_NS.gather(-1, idx_NK)
+    def forward(ctx, xc_ND, W_enc, b_enc, b_dec, pre_NS, idx_NK, rows=None):
+        """idx_NK (tokens, k) latents per token; or, with `rows`, flat (row, latent) pairs rows[i], idx_NK[i]."""
+        ctx.save_for_backward(xc_ND, W_enc, idx_NK, rows)
+        return pre_NS.gather(-1, idx_NK) if rows is None else pre_NS[rows, idx_NK]
 
     @staticmethod
     def backward(ctx, g_NK):
-        xc_ND, W_enc, idx_NK = ctx.saved_tensors
-        (n, k), s = idx_NK.shape, W_enc.shape[1]
-        rows = torch.arange(n, device=idx_NK.device).repeat_interleave(k)
-        g_NS = torch.sparse_coo_tensor(torch.stack([rows, idx_NK.reshape(-1)]), g_NK.reshape(-1), (n, s),
-                                       check_invariants=False)
-        gx = torch.sparse.mm(g_NS, W_enc.t()) if ctx.needs_input_grad[0] else None
+        xc_ND, W_enc, idx_NK, rows = ctx.saved_tensors
+        n, s = len(xc_ND), W_enc.shape[1]
+        if rows is None:
+            rows = torch.arange(n, device=idx_NK.device).repeat_interleave(idx_NK.shape[1])
+        cols, g = idx_NK.reshape(-1), g_NK.reshape(-1)
+        g_NS = torch.sparse_coo_tensor(torch.stack([rows, cols]), g, (n, s), check_invariants=False)
         gW = torch.sparse.mm(g_NS.t(), xc_ND).t() if ctx.needs_input_grad[1] else None
-        gb = (torch.zeros(s, dtype=g_NK.dtype, device=g_NK.device).index_add_(0, idx_NK.reshape(-1), g_NK.reshape(-1))
-              if ctx.needs_input_grad[2] else None)
-        return gx, gW, gb, None, None
+        gb = torch.zeros(s, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        gb_dec = -(W_enc @ gb) if ctx.needs_input_grad[3] else None
+        return None, gW, gb if ctx.needs_input_grad[2] else None, gb_dec, None, None, None
+
+
+class _ReLUObjective(torch.autograd.Function):
+    """The ReLU SAE's MSE + lambda * L1 with a hand-written backward, returning (loss, mse, l1, f_NS, err_ND).
+
+    Autograd would build six (tokens x d_sae) temporaries and six GEMMs of that size; this keeps two
+    temporaries (f, and its gradient, both updated in place) and five GEMMs: b_dec's gradient through the
+    encoder is -(sum_n g_pre[n]) W_enc^T, a GEMV, where autograd forms the whole (tokens x d_model) product."""
+
+    @staticmethod
+    def forward(ctx, xs_ND, W_enc, b_enc, W_dec, b_dec, l1_coeff, pre_NS, g_out, mask_out):
+        """pre_NS = (xs - b_dec) W_enc + b_enc, computed by the caller without a graph; it becomes f in place."""
+        xc_ND = xs_ND - b_dec
+        f_NS = pre_NS.relu_()
+        err_ND = torch.addmm(b_dec, f_NS, W_dec).sub_(xs_ND)
+        n = len(xs_ND)
+        mse, l1 = err_ND.pow(2).mean(), f_NS.sum() / n  # f >= 0: the L1 norm is the sum
+        ctx.save_for_backward(xc_ND, f_NS, err_ND, W_enc, W_dec)
+        ctx.l1_coeff, ctx.g_out, ctx.mask_out = l1_coeff, g_out, mask_out
+        ctx.mark_non_differentiable(f_NS, err_ND)
+        return mse + l1_coeff * l1, mse, l1, f_NS, err_ND
+
+    @staticmethod
+    def backward(ctx, g_loss, g_mse, g_l1, _g_f, _g_err):
+        xc_ND, f_NS, err_ND, W_enc, W_dec = ctx.saved_tensors
+        n, d = err_ND.shape
+        g_err_ND = err_ND * ((g_loss + g_mse) * (2.0 / (n * d)))
+        g_NS = torch.mm(g_err_ND, W_dec.t(), out=ctx.g_out).add_((g_loss * ctx.l1_coeff + g_l1) / n)
+        g_NS.masked_fill_(torch.le(f_NS, 0, out=ctx.mask_out), 0.0)  # through the ReLU, in place
+        gb_enc = g_NS.sum(0)
+        gx = g_err_ND - g_NS @ W_enc.t() if ctx.needs_input_grad[0] else None
+        return (gx, torch.mm(xc_ND.t(), g_NS), gb_enc, torch.mm(f_NS.t(), g_err_ND),
+                g_err_ND.sum(0) - W_enc @ gb_enc, None, None, None, None)
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -159,6 +216,7 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_model))
         self.register_buffer("input_scale", torch.ones(()))
+        self._buffers_: dict[str, torch.Tensor] = {}  # workspaces, see _buffer (not state)
         # only the architectures that use them get these, so older relu/topk files keep loading
         if cfg.arch == "batchtopk":
             self.register_buffer("threshold", torch.zeros(()))  # 0 = no batch seen yet
@@ -222,23 +280,32 @@ class SAE(nn.Module):
     @torch.no_grad()
     def _select(self, pre_NS: torch.Tensor, inference: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Which latents each token keeps: (idx_NK, keep_NK), keep None when every pair is kept."""
-        f_NS = F.relu(pre_NS)
         arch = self.cfg.arch
-        if arch == "topk":
-            return f_NS.topk(self.cfg.k, dim=-1, sorted=False).indices, None
+        if arch == "topk":  # ReLU is monotone: the k largest pre-activations are the k largest ReLU(pre)
+            return pre_NS.topk(self.cfg.k, dim=-1, sorted=False).indices, None
+        f_NS = F.relu(pre_NS)
         if arch == "batchtopk" and not inference:
             return _mask_to_pairs(f_NS, self._batch_keep(f_NS))
         theta = {"relu": 0.0, "batchtopk": self.threshold}.get(arch)
         return _mask_to_pairs(f_NS, pre_NS > (self.log_threshold.exp() if theta is None else theta))
 
+    def _buffer(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """A (tokens x d_sae) workspace reused from step to step: on CPU a fresh 800 MB tensor (4,096 x 49,152)
+        costs more in page faults than its copy. Its contents live until the next call that asks for it."""
+        buf = self._buffers_.get(name)
+        if buf is None or buf.shape != shape or buf.device != like.device or buf.dtype != like.dtype:
+            buf = self._buffers_[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
     def _sparse_code(self, x_ND: torch.Tensor, inference: bool):
         """(vals_NK, idx_NK, xc_ND, pre_NS): values differentiable through the gathered columns only; pre_NS,
-        the one dense product, carries no graph."""
-        xc_ND = self.centred(x_ND)
+        the one dense product, carries no graph and is a reused workspace (valid until the next call); x gets
+        no gradient."""
         with torch.no_grad():
-            pre_NS = xc_ND @ self.W_enc + self.b_enc
+            xc_ND = self.centred(x_ND)
+            pre_NS = torch.addmm(self.b_enc, xc_ND, self.W_enc, out=self._buffer("pre", (len(x_ND), self.cfg.d_sae), x_ND))
         idx_NK, keep_NK = self._select(pre_NS, inference)
-        vals_NK = F.relu(_GatherPreActs.apply(xc_ND, self.W_enc, self.b_enc, pre_NS, idx_NK))
+        vals_NK = F.relu(_GatherPreActs.apply(xc_ND, self.W_enc, self.b_enc, self.b_dec, pre_NS, idx_NK))
         if keep_NK is not None:
             vals_NK = vals_NK * keep_NK
         return vals_NK, idx_NK, xc_ND, pre_NS
@@ -271,33 +338,71 @@ class SAE(nn.Module):
         self.W_dec.grad.sub_(parallel_S * self.W_dec)
 
     # ---- losses ---------------------------------------------------------------------------------------------
-    def loss(self, x_ND: torch.Tensor, dead_S: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    def loss(self, x_ND: torch.Tensor, dead_S: torch.Tensor | None = None,
+             stats: BatchStats = LOCAL) -> tuple[torch.Tensor, dict]:
         """Training loss on raw activations; all terms are means over tokens in the scaled space. The TopK
-        family runs sparse and, in training mode, BatchTopK moves its threshold estimate."""
+        family runs sparse and, in training mode, BatchTopK moves its threshold estimate. `stats` reduces the
+        batch-level statistics (see BatchStats); BatchTopK's selection itself stays within x_ND."""
         if self.cfg.arch in TOPK_FAMILY:
-            return self._sparse_loss(x_ND, dead_S)
+            return self._sparse_loss(x_ND, dead_S, stats)
+        if self.cfg.arch == "relu":
+            return self._relu_loss(x_ND, dead_S, stats)
         xs_ND = x_ND * self.input_scale
         pre_NS = self.pre_acts(x_ND)
         f_NS = self.activate(pre_NS)
         err_ND = self.decode_scaled(f_NS) - xs_ND
         mse = err_ND.pow(2).mean()
         parts = {"mse": mse.detach(), "l0": (f_NS > 0).float().sum(-1).mean().detach()}
-        loss = mse
-        if self.cfg.arch == "relu":
-            l1 = f_NS.abs().sum(-1).mean()
-            loss = loss + self.cfg.l1_coeff * l1
-            parts["l1"] = l1.detach()
-            if self.cfg.ghost_grads and dead_S is not None and dead_S.any():
-                ghost = self._ghost_loss(x_ND, err_ND, mse, dead_S)
-                loss = loss + ghost
-                parts["ghost"] = ghost.detach()
-        else:  # jumprelu
-            l0 = _Step.apply(pre_NS, self.log_threshold.exp(), self.cfg.bandwidth).sum(-1).mean()
-            loss = loss + self.cfg.l0_coeff * l0
+        l0 = _Step.apply(pre_NS, self.log_threshold.exp(), self.cfg.bandwidth).sum(-1).mean()
+        loss = mse + self.cfg.l0_coeff * l0
         parts["fired_S"] = (f_NS > 0).any(0)
         return loss, parts
 
-    def _sparse_loss(self, x_ND, dead_S):
+    def _relu_loss(self, x_ND, dead_S, stats):
+        """Sparse while few latents fire (a trained ReLU SAE: the paper's L0 of 149 is 0.3 % of 49,152), else
+        the dense objective; both compute the same loss and gradients."""
+        with torch.no_grad():
+            xc_ND = self.centred(x_ND)
+            pre_NS = torch.addmm(self.b_enc, xc_ND, self.W_enc, out=self._buffer("pre", (len(x_ND), self.cfg.d_sae), x_ND))
+            on_NS = torch.gt(pre_NS, 0, out=self._buffer("mask", pre_NS.shape, x_ND.new_empty((), dtype=torch.bool)))
+            nnz = int(torch.count_nonzero(on_NS))
+        if nnz <= RELU_SPARSE_DENSITY * on_NS.numel():
+            return self._relu_sparse_loss(x_ND, xc_ND, pre_NS, on_NS, dead_S, stats)
+        return self._relu_dense_loss(x_ND, pre_NS, dead_S, stats)
+
+    def _relu_sparse_loss(self, x_ND, xc_ND, pre_NS, on_NS, dead_S, stats):
+        """The ReLU loss from the (token, latent) pairs with pre > 0: encoder gradient through the gathered
+        pairs, decoder as embedding bags of variable size."""
+        n = len(x_ND)
+        with torch.no_grad():
+            rows, cols = on_NS.nonzero(as_tuple=True)  # row-major: rows sorted
+            offsets = torch.searchsorted(rows, torch.arange(n, device=rows.device))
+        vals = _GatherPreActs.apply(xc_ND, self.W_enc, self.b_enc, self.b_dec, pre_NS, cols, rows)
+        x_hat = F.embedding_bag(cols, self.W_dec, offsets, per_sample_weights=vals, mode="sum") + self.b_dec
+        err_ND = x_hat - x_ND * self.input_scale
+        mse, l1 = err_ND.pow(2).mean(), vals.sum() / n
+        loss = mse + self.cfg.l1_coeff * l1
+        parts = {"mse": mse.detach(), "l1": l1.detach(), "l0": torch.tensor(len(cols) / n, device=x_ND.device),
+                 "fired_S": torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x_ND.device).index_fill_(0, cols, True)}
+        if self.cfg.ghost_grads and dead_S is not None and dead_S.any():
+            ghost = self._ghost_loss(x_ND, err_ND, mse, dead_S, stats)
+            loss = loss + ghost
+            parts["ghost"] = ghost.detach()
+        return loss, parts
+
+    def _relu_dense_loss(self, x_ND, pre_NS, dead_S, stats):
+        loss, mse, l1, f_NS, err_ND = _ReLUObjective.apply(
+            x_ND * self.input_scale, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.cfg.l1_coeff, pre_NS,
+            self._buffer("g", pre_NS.shape, x_ND), self._buffer("mask", pre_NS.shape, x_ND.new_empty((), dtype=torch.bool)))
+        parts = {"mse": mse.detach(), "l1": l1.detach(), "l0": torch.count_nonzero(f_NS) / len(f_NS),
+                 "fired_S": f_NS.amax(0) > 0}
+        if self.cfg.ghost_grads and dead_S is not None and dead_S.any():
+            ghost = self._ghost_loss(x_ND, err_ND, mse, dead_S, stats)
+            loss = loss + ghost
+            parts["ghost"] = ghost.detach()
+        return loss, parts
+
+    def _sparse_loss(self, x_ND, dead_S, stats):
         vals_NK, idx_NK, xc_ND, pre_NS = self._sparse_code(x_ND, inference=False)
         err_ND = self.decode_sparse_scaled(vals_NK, idx_NK) - x_ND * self.input_scale
         mse = err_ND.pow(2).mean()
@@ -305,25 +410,25 @@ class SAE(nn.Module):
         parts = {"mse": mse.detach(), "l0": on_NK.float().sum(-1).mean()}
         loss = mse
         if dead_S is not None and dead_S.any():
-            aux = self._aux_k_loss(pre_NS, err_ND, dead_S, xc_ND)
+            aux = self._aux_k_loss(pre_NS, err_ND, dead_S, xc_ND, stats)
             loss = loss + self.cfg.aux_coeff * aux
             parts["aux"] = aux.detach()
         if self.cfg.arch == "batchtopk" and self.training:
-            self._update_threshold(vals_NK.detach()[on_NK])
+            self._update_threshold(vals_NK.detach()[on_NK], stats)
         parts["fired_S"] = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x_ND.device).index_fill_(
             0, idx_NK[on_NK], True)
         return loss, parts
 
     @torch.no_grad()
-    def _update_threshold(self, kept_vals: torch.Tensor) -> None:
+    def _update_threshold(self, kept_vals: torch.Tensor, stats: BatchStats = LOCAL) -> None:
         """EMA of the smallest positive activation the batch selection kept (the first batch sets it): the
         JumpReLU threshold that, on average, keeps what BatchTopK kept."""
-        if kept_vals.numel() == 0:
+        lo = stats.min(kept_vals.min() if kept_vals.numel() else torch.full((), torch.inf, device=kept_vals.device))
+        if not torch.isfinite(lo):
             return
-        lo = kept_vals.min()
         self.threshold.copy_(lo if self.threshold <= 0 else torch.lerp(self.threshold, lo, THRESHOLD_EMA))
 
-    def _ghost_loss(self, x_ND, err_ND, mse, dead_S):
+    def _ghost_loss(self, x_ND, err_ND, mse, dead_S, stats: BatchStats = LOCAL):
         """Ghost grads: dead latents, with exp() activations, are asked to explain the residual the live
         ones leave, scaled to half its norm; the term is rescaled to the size of the MSE. Gradients reach only
         dead latents' encoder columns, biases and decoder rows."""
@@ -334,9 +439,9 @@ class SAE(nn.Module):
         scale_N = resid_ND.norm(dim=-1) / (2 * ghost_out_ND.norm(dim=-1) + 1e-6)
         ghost_out_ND = ghost_out_ND * scale_N[:, None].detach()
         ghost_mse = (ghost_out_ND - resid_ND).pow(2).mean()
-        return (mse.detach() / (ghost_mse.detach() + 1e-6)) * ghost_mse
+        return (stats.mean(mse.detach()) / (stats.mean(ghost_mse.detach()) + 1e-6)) * ghost_mse
 
-    def _aux_k_loss(self, pre_NS, err_ND, dead_S, xc_ND=None):
+    def _aux_k_loss(self, pre_NS, err_ND, dead_S, xc_ND=None, stats: BatchStats = LOCAL):
         """AuxK (Gao et al. 2024): the top aux_k dead latents reconstruct the main residual, normalised by
         the residual's variance. Decoded sparsely; with xc_ND (pre_NS then has no graph) the encoder gradient
         also goes through the gathered columns only."""
@@ -345,8 +450,8 @@ class SAE(nn.Module):
             pre_dead_NS = torch.where(dead_S, pre_NS, torch.full_like(pre_NS, -torch.inf))
             idx_NK = pre_dead_NS.topk(aux_k, dim=-1, sorted=False).indices
         vals_NK = (pre_NS.gather(-1, idx_NK) if xc_ND is None
-                   else _GatherPreActs.apply(xc_ND, self.W_enc, self.b_enc, pre_NS, idx_NK))
+                   else _GatherPreActs.apply(xc_ND, self.W_enc, self.b_enc, self.b_dec, pre_NS, idx_NK))
         resid_ND = (-err_ND).detach()
         recon_ND = F.embedding_bag(idx_NK, self.W_dec, per_sample_weights=F.relu(vals_NK), mode="sum")
-        denom = (resid_ND - resid_ND.mean(0)).pow(2).mean().clamp_min(1e-12)
+        denom = stats.mean((resid_ND - stats.mean(resid_ND.mean(0))).pow(2).mean()).clamp_min(1e-12)
         return (recon_ND - resid_ND).pow(2).mean() / denom

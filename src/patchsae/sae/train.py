@@ -2,6 +2,13 @@
 removed before each step, rows renormalised after), dead-latent bookkeeping for ghost grads / AuxK, and
 atomic checkpoints from which a killed run resumes to the same final weights.
 
+Distributed (torchrun): every rank trains on its slice of each global batch; gradients are averaged with one
+all-reduce per parameter, weighted by each rank's token count, so the step equals the one-process step on the
+global batch, and the few batch statistics of the losses are reduced the same way (sae.model.BatchStats).
+Firing counts are all-reduced, so dead-latent bookkeeping, ghost grads / AuxK and the decoder renormalisation
+agree on every rank; ranks start from rank 0's weights and stay identical. Rank 0 alone writes checkpoints and
+logs, the others wait at a barrier, and any rank resumes from the same checkpoint.
+
 Data comes from a token source with `sample(n)` (the first sample, for initialisation) and
 `batches(batch_size, start_step)` (deterministic per step, so a resumed run sees the batches it would have).
 """
@@ -17,8 +24,9 @@ from typing import Iterator, Protocol
 import torch
 
 from patchsae import PatchSAEError
+from patchsae.dist import Dist
 from patchsae.sae.checkpoint import load_training_state, save_sae, save_training_state
-from patchsae.sae.model import SAE, SAEConfig
+from patchsae.sae.model import SAE, BatchStats, SAEConfig
 from patchsae.utils import atomic_path
 
 
@@ -27,7 +35,8 @@ class TokenSource(Protocol):
 
     def sample(self, n: int) -> torch.Tensor: ...
 
-    def batches(self, batch_size: int, start_step: int = 0) -> Iterator[torch.Tensor]: ...
+    def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
+        """Rank's slice of each global batch of batch_size tokens."""
 
 
 @dataclass(frozen=True)
@@ -40,11 +49,17 @@ class TrainConfig:
     init_tokens: int = 20_000  # first sample for the geometric median and the input scale
     checkpoint_every: int = 250  # steps
     log_every: int = 25
-    device: str = "cpu"
+    device: str = "cpu"  # "cuda" is each rank's own GPU in a distributed run
 
     @property
     def total_steps(self) -> int:
         return math.ceil(self.total_tokens / self.batch_tokens)
+
+
+def make_optimizer(sae: SAE, lr: float) -> torch.optim.Adam:
+    """Adam, multi-tensor (foreach) implementation. The fused kernel is faster on CPU but, with torch 2.13, a
+    run resumed from a checkpoint did not continue exactly as the uninterrupted one (tests/test_train.py)."""
+    return torch.optim.Adam(sae.parameters(), lr=lr, foreach=True)
 
 
 def _lr_factor(step: int, warmup: int) -> float:
@@ -52,68 +67,110 @@ def _lr_factor(step: int, warmup: int) -> float:
 
 
 def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, source: TokenSource, out_dir: str | Path,
-              progress: bool = True, provenance: dict | None = None) -> SAE:
+              progress: bool = True, provenance: dict | None = None, dist: Dist = Dist()) -> SAE:
     """Train (or resume) an SAE into `out_dir`; returns it. Writes model.safetensors, config.json,
     checkpoint.safetensors and train_log.csv there. `provenance` (e.g. model and layer the activations came
-    from) is stored in config.json so later stages can refuse a mismatched model."""
+    from) is stored in config.json so later stages can refuse a mismatched model. Under torchrun every rank
+    calls it with its `dist`."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / "checkpoint.safetensors"
     info = {"sae": sae_cfg.to_json(), "train": asdict(cfg)}
+    device = dist.device(cfg.device)
 
     torch.manual_seed(cfg.seed)
-    sae = SAE(sae_cfg).to(cfg.device)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr)
-    since_fired_S = torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=cfg.device)
+    sae = SAE(sae_cfg).to(device)
+    opt = make_optimizer(sae, cfg.lr)
+    since_fired_S = torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device)
     step = 0
     if ckpt.exists():
         step, since_fired_S, saved = load_training_state(ckpt, sae, opt)
-        since_fired_S = since_fired_S.to(cfg.device)
+        since_fired_S = since_fired_S.to(device)
         if saved != info:
             raise PatchSAEError(
                 f"{ckpt} belongs to a run with another configuration; delete it or use a new run directory"
             )
     else:
-        sae.init_from_sample(source.sample(cfg.init_tokens).to(cfg.device))
+        sae.init_from_sample(source.sample(cfg.init_tokens).to(device))
         sae.normalize_decoder()
-    log_rows = _read_log(out_dir / "train_log.csv", step)
+        for t in sae.state_dict().values():
+            dist.broadcast(t)
+    log_rows = _read_log(out_dir / "train_log.csv", step) if dist.is_main else []
 
-    bar = tqdm(total=cfg.total_steps, initial=step, desc="train SAE", unit="step", disable=not progress)
-    batches = source.batches(cfg.batch_tokens, start_step=step)
+    bar = tqdm(total=cfg.total_steps, initial=step, desc="train SAE", unit="step",
+               disable=not (progress and dist.is_main))
+    batches = source.batches(cfg.batch_tokens, start_step=step, **_slice(dist))
     while step < cfg.total_steps:
-        x_ND = next(batches).to(cfg.device, torch.float32)
+        x_ND = next(batches).to(device, torch.float32)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _lr_factor(step, cfg.warmup_steps)
         dead_S = since_fired_S >= sae_cfg.dead_steps
-        loss, parts = sae.loss(x_ND, dead_S)
-        if not torch.isfinite(loss):
+        loss, parts, stats = train_step(sae, opt, x_ND, since_fired_S, dist)
+        if loss is None:
             raise PatchSAEError(
-                f"SAE loss became {loss.item()} at step {step}; the last checkpoint ({ckpt.name}) is kept. "
+                f"SAE loss became non-finite at step {step}; the last checkpoint ({ckpt.name}) is kept. "
                 "Check the activations for NaNs or lower the learning rate"
             )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.remove_parallel_grads()
-        opt.step()
-        sae.normalize_decoder()
-        since_fired_S += 1
-        since_fired_S[parts["fired_S"]] = 0
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.total_steps:
-            row = {"step": step, "tokens": step * cfg.batch_tokens, "loss": loss.item(),
-                   "mse": parts["mse"].item(), "l0": parts["l0"].item(),
+            row = {"step": step, "tokens": step * cfg.batch_tokens, "loss": stats.mean(loss.detach()).item(),
+                   "mse": stats.mean(parts["mse"]).item(), "l0": stats.mean(parts["l0"]).item(),
                    "dead_fraction": dead_S.float().mean().item()}
             log_rows.append(row)
             bar.set_postfix(mse=f"{row['mse']:.4f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-            save_training_state(ckpt, sae, opt, since_fired_S, step, info)
-            _write_log(out_dir / "train_log.csv", log_rows)
+            if dist.is_main:
+                save_training_state(ckpt, sae, opt, since_fired_S, step, info)
+                _write_log(out_dir / "train_log.csv", log_rows)
+            dist.barrier()
     bar.close()
-    save_sae(out_dir, sae, {**(provenance or {}), "train": asdict(cfg), "tokens_trained": step * cfg.batch_tokens})
+    if dist.is_main:
+        save_sae(out_dir, sae, {**(provenance or {}), "train": asdict(cfg), "tokens_trained": step * cfg.batch_tokens})
+    dist.barrier()
     return sae
+
+
+def train_step(sae: SAE, opt: torch.optim.Optimizer, x_ND: torch.Tensor, since_fired_S: torch.Tensor,
+               dist: Dist = Dist()):
+    """One optimisation step on this rank's tokens x_ND (what `benchmarks/` times): loss, gradients
+    all-reduced across ranks, parallel decoder component removed, Adam, decoder rows renormalised, firing
+    counters updated in place. Returns (loss, parts, stats), loss None (and nothing updated) if it is not
+    finite on some rank."""
+    dead_S = since_fired_S >= sae.cfg.dead_steps
+    share, stats = _batch_share(dist, len(x_ND), x_ND.device)
+    loss, parts = sae.loss(x_ND, dead_S, stats)
+    if not dist.all_reduce(torch.isfinite(loss.detach()).float().reshape(1), "min").item():
+        return None, parts, stats
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if dist.active:
+        for p in sae.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad.mul_(share))
+    sae.remove_parallel_grads()
+    opt.step()
+    sae.normalize_decoder()
+    since_fired_S += 1
+    since_fired_S[dist.all_reduce(parts["fired_S"].int(), "max").bool()] = 0
+    return loss, parts, stats
+
+
+def _slice(dist: Dist) -> dict:
+    return {"rank": dist.rank, "world": dist.world} if dist.active else {}
+
+
+def _batch_share(dist: Dist, n_local: int, device) -> tuple[float, BatchStats]:
+    """This rank's fraction of the global batch's tokens, and the BatchStats that turn its means over its own
+    tokens into means over the global batch (weighted by the fraction, summed over ranks)."""
+    if not dist.active:
+        return 1.0, BatchStats()
+    n_global = int(dist.all_reduce(torch.tensor([n_local], dtype=torch.float64, device=device)).item())
+    share = n_local / n_global
+    return share, BatchStats(mean=lambda t: dist.all_reduce(t.detach() * share),
+                             min=lambda t: dist.all_reduce(t.detach().clone(), "min"))
 
 
 def _read_log(path: Path, up_to_step: int) -> list[dict]:
