@@ -385,6 +385,21 @@ def _add_study_options(p: argparse.ArgumentParser) -> None:
     _add_training_options(p, StudyOptions().adapt)
 
 
+def _add_stage_options(p: argparse.ArgumentParser) -> None:
+    """cache / train / quickstart: the run's config fields, plus starting from a preset and a dry run."""
+    _add_run_options(p)
+    p.add_argument("--preset", choices=["paper"], help="start a new run from a named configuration "
+                   "(paper: ViT-B/16, block -2, all tokens, ReLU x64, lambda 8e-5, ImageNet-1k)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and its token, "
+                   "memory and step budget; writes nothing and loads no model")
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--on-the-fly", action="store_true",
+                   help="extract activations at every step instead of reading the cache")
+    _add_stage_options(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="patchsae",
@@ -392,56 +407,43 @@ def build_parser() -> argparse.ArgumentParser:
                     "Each stage reads and writes one run directory.",
     )
     sub = ap.add_subparsers(dest="command", required=True)
-    specs = [
-        ("cache", cmd_cache, "extract the hooked block's activations of the training split into an fp16 cache"),
-        ("train", cmd_train, "train the SAE on the cached activations (resumes from its last checkpoint)"),
+    run_only = lambda p: p.add_argument("--run", required=True, help="run directory with a trained SAE")  # noqa: E731
+    no_options = lambda p: None  # noqa: E731
+    specs = [  # name, handler, help, options
+        ("cache", cmd_cache, "extract the hooked block's activations of the training split into an fp16 cache",
+         _add_stage_options),
+        ("train", cmd_train, "train the SAE on the cached activations (resumes from its last checkpoint)",
+         _add_train_options),
         ("evaluate", cmd_evaluate, "held-out MSE, explained variance, L0, dead latents, zero-shot accuracy "
-                                   "original / SAE-spliced / zero-ablated"),
+                                   "original / SAE-spliced / zero-ablated", run_only),
         ("quickstart", cmd_quickstart, "cache, train and evaluate in one go (defaults: embedded model on "
-                                       "Fashion-MNIST); writes summary.json"),
-        ("models", cmd_models, "list the model sources that --model accepts"),
-        ("datasets", cmd_datasets, "list the named datasets of the paper (--dataset NAME): hub id, splits, classes"),
+                                       "Fashion-MNIST); writes summary.json", _add_stage_options),
+        ("models", cmd_models, "list the model sources that --model accepts", no_options),
+        ("datasets", cmd_datasets, "list the named datasets of the paper (--dataset NAME): hub id, splits, classes",
+         no_options),
         ("analyze", cmd_analyze, "per-latent statistics, reference images, class counts, concept names and "
-                                 "figures (DIR/analysis, DIR/figures); with --image: patch maps of one image"),
+                                 "figures (DIR/analysis, DIR/figures); with --image: patch maps of one image",
+         _add_analyze_options),
         ("adapt", cmd_adapt, "MaPLe prompt learning: train prompts few-shot on base classes, report base and "
-                             "novel accuracy vs zero-shot and the improvement rate delta"),
+                             "novel accuracy vs zero-shot and the improvement rate delta", _add_adapt_options),
         ("compare", cmd_compare, "CLIP vs a MaPLe-adapted CLIP through the run's SAE: re-used / suppressed / "
-                                 "introduced latents per class, count correlation, masking ranking x classifier"),
+                                 "introduced latents per class, count correlation, masking ranking x classifier",
+         _add_compare_options),
         ("adapt-study", cmd_adapt_study, "the adaptation study on the embedded model: Fashion-MNIST and digits "
-                                         "base-to-novel, MaPLe + compare, the paper's Table 1 layout"),
+                                         "base-to-novel, MaPLe + compare, the paper's Table 1 layout",
+         _add_study_options),
         ("classify", cmd_classify, "top-k masking: accuracy with only the top-k latents kept (or removed), ranked "
-                                   "by class / dataset / random; DIR/classify/metrics.csv and a figure"),
+                                   "by class / dataset / random; DIR/classify/metrics.csv and a figure",
+         _add_classify_options),
         ("serve", cmd_serve, "explore the run's concepts in a browser: top latents of an uploaded image and of "
-                             "each patch, heatmaps, statistics, reference images, steering"),
+                             "each patch, heatmaps, statistics, reference images, steering",
+         lambda p: _add_explorer_options(p, "serve")),
         ("report", cmd_report, "write the explorer's content for the top latents and the classes as a static "
-                               "site (HTML + PNG + JSON, relative links)"),
+                               "site (HTML + PNG + JSON, relative links)", lambda p: _add_explorer_options(p, "report")),
     ]
-    for name, fn, help_ in specs:
+    for name, fn, help_, add_options in specs:
         p = sub.add_parser(name, help=help_, description=help_)
-        if name == "train":
-            p.add_argument("--on-the-fly", action="store_true",
-                           help="extract activations at every step instead of reading the cache")
-        if name == "evaluate":
-            p.add_argument("--run", required=True, help="run directory with a trained SAE")
-        elif name == "analyze":
-            _add_analyze_options(p)
-        elif name == "classify":
-            _add_classify_options(p)
-        elif name in ("serve", "report"):
-            _add_explorer_options(p, name)
-        elif name == "adapt":
-            _add_adapt_options(p)
-        elif name == "compare":
-            _add_compare_options(p)
-        elif name == "adapt-study":
-            _add_study_options(p)
-        elif name not in ("models", "datasets"):
-            _add_run_options(p)
-        if name in ("cache", "train", "quickstart"):
-            p.add_argument("--preset", choices=["paper"], help="start a new run from a named configuration "
-                           "(paper: ViT-B/16, block -2, all tokens, ReLU x64, lambda 8e-5, ImageNet-1k)")
-            p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and its token, "
-                           "memory and step budget; writes nothing and loads no model")
+        add_options(p)
         p.set_defaults(fn=fn)
     return ap
 
