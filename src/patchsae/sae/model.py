@@ -289,21 +289,28 @@ class SAE(nn.Module):
         theta = {"relu": 0.0, "batchtopk": self.threshold}.get(arch)
         return _mask_to_pairs(f_NS, pre_NS > (self.log_threshold.exp() if theta is None else theta))
 
-    def _buffer(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A (tokens x d_sae) workspace reused from step to step: on CPU a fresh 800 MB tensor (4,096 x 49,152)
         costs more in page faults than its copy. Its contents live until the next call that asks for it."""
         buf = self._buffers_.get(name)
-        if buf is None or buf.shape != shape or buf.device != like.device or buf.dtype != like.dtype:
-            buf = self._buffers_[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        if buf is None or buf.shape != shape or buf.device != device or buf.dtype != dtype:
+            buf = self._buffers_[name] = torch.empty(shape, dtype=dtype, device=device)
         return buf
+
+    @torch.no_grad()
+    def _pre_acts_workspace(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(xc_ND, pre_NS): the centred, scaled input and the encoder's pre-activations, written into the reused
+        "pre" workspace (no graph; valid until the next call)."""
+        xc_ND = self.centred(x_ND)
+        pre_NS = torch.addmm(self.b_enc, xc_ND, self.W_enc,
+                             out=self._buffer("pre", (len(x_ND), self.cfg.d_sae), x_ND.dtype, x_ND.device))
+        return xc_ND, pre_NS
 
     def _sparse_code(self, x_ND: torch.Tensor, inference: bool):
         """(vals_NK, idx_NK, xc_ND, pre_NS): values differentiable through the gathered columns only; pre_NS,
         the one dense product, carries no graph and is a reused workspace (valid until the next call); x gets
         no gradient."""
-        with torch.no_grad():
-            xc_ND = self.centred(x_ND)
-            pre_NS = torch.addmm(self.b_enc, xc_ND, self.W_enc, out=self._buffer("pre", (len(x_ND), self.cfg.d_sae), x_ND))
+        xc_ND, pre_NS = self._pre_acts_workspace(x_ND)
         idx_NK, keep_NK = self._select(pre_NS, inference)
         vals_NK = F.relu(_GatherPreActs.apply(xc_ND, self.W_enc, self.b_enc, self.b_dec, pre_NS, idx_NK))
         if keep_NK is not None:
@@ -352,27 +359,32 @@ class SAE(nn.Module):
         f_NS = self.activate(pre_NS)
         err_ND = self.decode_scaled(f_NS) - xs_ND
         mse = err_ND.pow(2).mean()
-        parts = {"mse": mse.detach(), "l0": (f_NS > 0).float().sum(-1).mean().detach()}
+        on_NS = f_NS.detach() > 0
+        parts = {"mse": mse.detach(), "l0": on_NS.float().sum(-1).mean(), "fired_S": on_NS.any(0)}
         l0 = _Step.apply(pre_NS, self.log_threshold.exp(), self.cfg.bandwidth).sum(-1).mean()
         loss = mse + self.cfg.l0_coeff * l0
-        parts["fired_S"] = (f_NS > 0).any(0)
         return loss, parts
 
     def _relu_loss(self, x_ND, dead_S, stats):
         """Sparse while few latents fire (a trained ReLU SAE: the paper's L0 of 149 is 0.3 % of 49,152), else
         the dense objective; both compute the same loss and gradients."""
+        xc_ND, pre_NS = self._pre_acts_workspace(x_ND)
         with torch.no_grad():
-            xc_ND = self.centred(x_ND)
-            pre_NS = torch.addmm(self.b_enc, xc_ND, self.W_enc, out=self._buffer("pre", (len(x_ND), self.cfg.d_sae), x_ND))
-            on_NS = torch.gt(pre_NS, 0, out=self._buffer("mask", pre_NS.shape, x_ND.new_empty((), dtype=torch.bool)))
+            on_NS = torch.gt(pre_NS, 0, out=self._buffer("mask", pre_NS.shape, torch.bool, x_ND.device))
             nnz = int(torch.count_nonzero(on_NS))
         if nnz <= RELU_SPARSE_DENSITY * on_NS.numel():
-            return self._relu_sparse_loss(x_ND, xc_ND, pre_NS, on_NS, dead_S, stats)
-        return self._relu_dense_loss(x_ND, pre_NS, dead_S, stats)
+            loss, parts, err_ND, mse = self._relu_sparse_loss(x_ND, xc_ND, pre_NS, on_NS)
+        else:
+            loss, parts, err_ND, mse = self._relu_dense_loss(x_ND, pre_NS)
+        if self.cfg.ghost_grads and dead_S is not None and dead_S.any():
+            ghost = self._ghost_loss(x_ND, err_ND, mse, dead_S, stats)
+            loss = loss + ghost
+            parts["ghost"] = ghost.detach()
+        return loss, parts
 
-    def _relu_sparse_loss(self, x_ND, xc_ND, pre_NS, on_NS, dead_S, stats):
-        """The ReLU loss from the (token, latent) pairs with pre > 0: encoder gradient through the gathered
-        pairs, decoder as embedding bags of variable size."""
+    def _relu_sparse_loss(self, x_ND, xc_ND, pre_NS, on_NS):
+        """(loss, parts, err_ND, mse) of ReLU + L1 from the (token, latent) pairs with pre > 0: encoder gradient
+        through the gathered pairs, decoder as embedding bags of variable size."""
         n = len(x_ND)
         with torch.no_grad():
             rows, cols = on_NS.nonzero(as_tuple=True)  # row-major: rows sorted
@@ -384,23 +396,17 @@ class SAE(nn.Module):
         loss = mse + self.cfg.l1_coeff * l1
         parts = {"mse": mse.detach(), "l1": l1.detach(), "l0": torch.tensor(len(cols) / n, device=x_ND.device),
                  "fired_S": torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x_ND.device).index_fill_(0, cols, True)}
-        if self.cfg.ghost_grads and dead_S is not None and dead_S.any():
-            ghost = self._ghost_loss(x_ND, err_ND, mse, dead_S, stats)
-            loss = loss + ghost
-            parts["ghost"] = ghost.detach()
-        return loss, parts
+        return loss, parts, err_ND, mse
 
-    def _relu_dense_loss(self, x_ND, pre_NS, dead_S, stats):
+    def _relu_dense_loss(self, x_ND, pre_NS):
+        """(loss, parts, err_ND, mse) of ReLU + L1 through the hand-written dense objective."""
         loss, mse, l1, f_NS, err_ND = _ReLUObjective.apply(
             x_ND * self.input_scale, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.cfg.l1_coeff, pre_NS,
-            self._buffer("g", pre_NS.shape, x_ND), self._buffer("mask", pre_NS.shape, x_ND.new_empty((), dtype=torch.bool)))
+            self._buffer("g", pre_NS.shape, x_ND.dtype, x_ND.device),
+            self._buffer("mask", pre_NS.shape, torch.bool, x_ND.device))
         parts = {"mse": mse.detach(), "l1": l1.detach(), "l0": torch.count_nonzero(f_NS) / len(f_NS),
                  "fired_S": f_NS.amax(0) > 0}
-        if self.cfg.ghost_grads and dead_S is not None and dead_S.any():
-            ghost = self._ghost_loss(x_ND, err_ND, mse, dead_S, stats)
-            loss = loss + ghost
-            parts["ghost"] = ghost.detach()
-        return loss, parts
+        return loss, parts, err_ND, mse
 
     def _sparse_loss(self, x_ND, dead_S, stats):
         vals_NK, idx_NK, xc_ND, pre_NS = self._sparse_code(x_ND, inference=False)
