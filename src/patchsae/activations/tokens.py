@@ -52,7 +52,7 @@ class CachedTokens:
         self._windows: dict[int, np.ndarray] = {}
 
     def _gather(self, ids: np.ndarray) -> torch.Tensor:
-        ids = np.sort(ids)
+        """Rows of the given token ids, which must be sorted (reads then run forward through the shards)."""
         p = len(self.positions)
         return torch.from_numpy(self.cache.rows(ids // p, self.positions[ids % p]).astype(np.float32))
 
@@ -94,7 +94,7 @@ class CachedTokens:
     def sample(self, n: int) -> torch.Tensor:
         """A fixed random sample of n tokens (independent of the training order)."""
         rng = np.random.default_rng([self.seed, 2**31 - 1])
-        return self._gather(rng.choice(self.n_tokens, size=min(n, self.n_tokens), replace=False))
+        return self._gather(np.sort(rng.choice(self.n_tokens, size=min(n, self.n_tokens), replace=False)))
 
     def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
         """Global batch s is tokens s*batch_size.. of the epoch's order (the epoch's last batch may be short);
@@ -135,10 +135,12 @@ class StreamedTokens:
         imgs = rng.choice(len(self.ds), size=min(len(self.ds), -(-n // per_image)), replace=False)
         return self._tokens_of(np.sort(imgs))[:n]
 
-    def batches(self, batch_size: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+    def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
         """Each step takes the next n_img images of the epoch's permutation (the epoch's remainder is
         dropped, so every batch is full); a step that lost images to decode errors is topped up from the
-        images after the epoch's last full step."""
+        images after the epoch's last full step. One process only (world 1)."""
+        if world != 1:
+            raise PatchSAEError("on-the-fly extraction trains in one process; cache first to train on several")
         per_image = len(self.positions)
         n_img = max(self.images_per_step, -(-batch_size // per_image))
         per_epoch = len(self.ds) // n_img

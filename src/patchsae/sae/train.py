@@ -101,7 +101,7 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, source: TokenSource, out_dir
 
     bar = tqdm(total=cfg.total_steps, initial=step, desc="train SAE", unit="step",
                disable=not (progress and dist.is_main))
-    batches = source.batches(cfg.batch_tokens, start_step=step, **_slice(dist))
+    batches = source.batches(cfg.batch_tokens, start_step=step, rank=dist.rank, world=dist.world)
     while step < cfg.total_steps:
         x_ND = next(batches).to(device, torch.float32)
         for g in opt.param_groups:
@@ -156,10 +156,6 @@ def train_step(sae: SAE, opt: torch.optim.Optimizer, x_ND: torch.Tensor, since_f
     since_fired_S += 1
     since_fired_S[dist.all_reduce(parts["fired_S"].int(), "max").bool()] = 0
     return loss, parts, stats
-
-
-def _slice(dist: Dist) -> dict:
-    return {"rank": dist.rank, "world": dist.world} if dist.active else {}
 
 
 def _batch_share(dist: Dist, n_local: int, device) -> tuple[float, BatchStats]:
