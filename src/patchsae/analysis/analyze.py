@@ -71,18 +71,15 @@ def _csv_text(stats, entropy_S, majority_S, names, name_index_SN, name_score_SN,
     w.writerow(["latent", "frequency", "mean_activation", "fired_images", "label_entropy", "majority_label",
                 "dataset_count", "top_images", "top_values",
                 *[c for n in range(1, top + 1) for c in (f"name{n}", f"score{n}")]])
-    counts_S = latents.dataset_counts(stats.class_counts_CS)
-    for l in range(stats.d_sae):
-        refs = stats.top_index_SK[l]
-        keep = refs >= 0
-        maj = int(majority_S[l])
-        w.writerow([l, f"{float(stats.frequency_S[l]):.6g}", f"{float(stats.mean_act_S[l]):.6g}",
-                    int(stats.fired_S[l]), f"{float(entropy_S[l]):.4f}", class_names[maj] if maj >= 0 else "",
-                    int(counts_S[l]), " ".join(map(str, refs[keep].tolist())),
-                    " ".join(f"{v:.4g}" for v in stats.top_value_SK[l][keep].tolist()),
-                    *[c for n in range(top) for c in
-                      ((names[int(name_index_SN[l, n])], f"{float(name_score_SN[l, n]):.4f}")
-                       if name_index_SN[l, n] >= 0 else ("", ""))]])
+    columns = zip(stats.frequency_S.tolist(), stats.mean_act_S.tolist(), stats.fired_S.tolist(), entropy_S.tolist(),
+                  majority_S.tolist(), latents.dataset_counts(stats.class_counts_CS).tolist(),
+                  stats.top_index_SK.tolist(), stats.top_value_SK.tolist(), name_index_SN.tolist(),
+                  name_score_SN.tolist())
+    for l, (freq, mean, fired, ent, maj, count, refs, values, name_ids, scores) in enumerate(columns):
+        keep = [n for n, i in enumerate(refs) if i >= 0]
+        w.writerow([l, f"{freq:.6g}", f"{mean:.6g}", int(fired), f"{ent:.4f}", class_names[maj] if maj >= 0 else "",
+                    int(count), " ".join(str(refs[n]) for n in keep), " ".join(f"{values[n]:.4g}" for n in keep),
+                    *[c for i, sc in zip(name_ids, scores) for c in ((names[i], f"{sc:.4f}") if i >= 0 else ("", ""))]])
     return buf.getvalue()
 
 
@@ -152,10 +149,11 @@ def stage_analyze(run: Run, opts: AnalyzeOptions = AnalyzeOptions(), progress: b
         tmp.write_text(_csv_text(stats, entropy_S, majority_S, names, name_index_SN, name_score_SN,
                                  ds.class_names))
 
-    names_S = [names[int(i)] if i >= 0 else "" for i in name_index_SN[:, 0]]
-    by_freq = torch.argsort(stats.frequency_S, descending=True, stable=True)
-    low_by_freq = [int(l) for l in by_freq if low_S[l]]
-    grid_ids = (low_by_freq or [int(l) for l in by_freq if stats.fired_S[l] > 0])[: opts.n_grid]
+    names_S = [names[i] if i >= 0 else "" for i in name_index_SN[:, 0].tolist()]
+    by_freq = torch.argsort(stats.frequency_S, descending=True, stable=True).tolist()
+    low, fired = low_S.tolist(), (stats.fired_S > 0).tolist()
+    low_by_freq = [l for l in by_freq if low[l]]
+    grid_ids = (low_by_freq or [l for l in by_freq if fired[l]])[: opts.n_grid]
     title = f"{model.name} block {layer}, {ds.name}/{ds.split}, {stats.n_images} images"
     fig_dir = run.figures_dir
     figures.scatter_figure(fig_dir / "latent_scatter.png", stats.frequency_S, stats.mean_act_S, entropy_S, title)

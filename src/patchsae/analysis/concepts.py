@@ -60,12 +60,17 @@ def vocabulary(model: ClipModel, class_names: Sequence[str], phrases: Sequence[s
     return names + extra, torch.cat(emb).float().cpu()
 
 
+def _image_ids(top_index_SK: torch.Tensor) -> list[int]:
+    """The distinct dataset indices in a table of reference images (-1 = empty slot), sorted."""
+    return torch.unique(top_index_SK[top_index_SK >= 0]).tolist()
+
+
 @torch.no_grad()
 def mean_reference_embeddings(model: ClipModel, ds: LabelledImages, stats: LatentStats, batch_size: int = 256
                               ) -> torch.Tensor:
     """mean_SE: per latent the mean normalised image embedding of its reference images (each distinct image
     runs through the model once); latents with no reference images get zero rows."""
-    unique = sorted({int(i) for i in stats.top_index_SK.flatten() if i >= 0})
+    unique = _image_ids(stats.top_index_SK)
     emb = {}
     for start in range(0, len(unique), batch_size):
         pixels = load_pixels(model, ds, unique[start: start + batch_size])
@@ -97,7 +102,7 @@ def concept_directions(model: ClipModel, sae: SAE, ds: LabelledImages, layer: in
     for start in range(0, S, latents_per_chunk):
         lat = range(start, min(start + latents_per_chunk, S))
         refs_LK = stats.top_index_SK[lat.start: lat.stop]
-        unique = sorted({int(i) for i in refs_LK.flatten() if i >= 0})
+        unique = _image_ids(refs_LK)
         if not unique:
             continue
         pixels = load_pixels(model, ds, unique)
@@ -108,7 +113,7 @@ def concept_directions(model: ClipModel, sae: SAE, ds: LabelledImages, layer: in
         if steer_SE is None:
             steer_SE = torch.zeros(S, base_UE.shape[1])
             mean_SE = torch.zeros(S, base_UE.shape[1])
-        pairs = [(l, pos[int(i)]) for l in lat for i in stats.top_index_SK[l] if int(i) in pos]
+        pairs = [(l, pos[i]) for l, refs in zip(lat, refs_LK.tolist()) for i in refs if i in pos]
         for p0 in range(0, len(pairs), PAIRS_PER_FORWARD):
             lat_P, img_P = (torch.tensor(x) for x in zip(*pairs[p0: p0 + PAIRS_PER_FORWARD]))
             mean_SE.index_add_(0, lat_P, base_UE[img_P].float().cpu())

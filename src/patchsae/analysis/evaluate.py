@@ -4,7 +4,6 @@ block's output zero-ablated. One forward to the hooked block per batch serves al
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -48,13 +47,9 @@ def evaluate(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, batch_s
 
 def log_density_figure(freq_S: torch.Tensor, path: str | Path, title: str) -> None:
     """Histogram of log10 firing frequency per latent; dead latents are counted in the title."""
-    import matplotlib
+    from patchsae.analysis.figures import _plt, _save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from patchsae.utils import atomic_path
-
+    plt = _plt()
     alive = freq_S[freq_S > 0]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if len(alive):
@@ -64,10 +59,4 @@ def log_density_figure(freq_S: torch.Tensor, path: str | Path, title: str) -> No
     dead = int((freq_S == 0).sum())
     ax.set_title(f"{title}\n{dead} of {len(freq_S)} latents never fired ({dead / max(len(freq_S), 1):.1%})")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
-def finite_or_none(x: float) -> float | None:
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+    _save(fig, path)

@@ -18,7 +18,6 @@ from patchsae import PatchSAEError
 from patchsae.data.base import LabelledImages, iter_batches
 from patchsae.models.clip import ClipModel, TokenLayout
 from patchsae.sae.model import SAE
-from patchsae.utils import atomic_path
 
 
 def load_image(spec: str, ds: LabelledImages | None, model: ClipModel) -> tuple[torch.Tensor, int | None, str]:
@@ -113,11 +112,9 @@ def top_latents_of_patch(f_TS: torch.Tensor, layout: TokenLayout, row: int, col:
 
 def write_patch_map_figure(path: str | Path, image_HW3: np.ndarray, map_hw: torch.Tensor, title: str) -> None:
     """Three panels: the image, the heatmap overlay, the segmentation."""
-    import matplotlib
+    from patchsae.analysis.figures import _plt, _save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _plt()
     map_HW = upsample(map_hw, image_HW3.shape[:2])
     fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.9))
     for ax, img, name in zip(axes, (image_HW3, heatmap_overlay(image_HW3, map_HW), segmentation(image_HW3, map_HW)),
@@ -127,6 +124,4 @@ def write_patch_map_figure(path: str | Path, image_HW3: np.ndarray, map_hw: torc
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(fig, path)
