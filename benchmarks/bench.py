@@ -35,21 +35,11 @@ STEP_REPS = int(os.environ.get("BENCH_STEP_REPS", "1"))  # section a: a dense 49
 ROWS: list[tuple[str, str, str]] = []  # (section, comparison, result)
 
 
-def best_time(fn, reps: int = REPS) -> float:
-    fn()  # warm-up: first-touch allocations, lazy initialisation
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def interleaved_best(fns: dict, reps: int) -> dict:
     """Best time of each function over `reps` rounds that run them in turn, so a slow spell of the machine
     (other processes, frequency changes) hits every contender alike instead of biasing a ratio."""
     for fn in fns.values():
-        fn()  # warm-up
+        fn()  # warm-up: first-touch allocations, lazy initialisation
     times = {name: float("inf") for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
@@ -57,6 +47,11 @@ def interleaved_best(fns: dict, reps: int) -> dict:
             fn()
             times[name] = min(times[name], time.perf_counter() - t)
     return times
+
+
+def best_time(fn, reps: int = REPS) -> float:
+    """Best of `reps` timed calls after one warm-up."""
+    return interleaved_best({"fn": fn}, reps)["fn"]
 
 
 def row(section: str, what: str, value: str) -> None:
@@ -188,8 +183,7 @@ def bench_sae_step() -> None:
             row(a, f"ReLU, {desc}: ours vs SAELens standard, same weights (target >= 1.2x)",
                 ratio(p, t[f"ours relu {regime}"]) if p else "SAELens failed")
         ok = [v for k, v in peers.items() if k.startswith("topk") and v is not None]
-        which = ", ".join(f"sparse {'failed' if peers[k] is None else f'{peers[k]:.2f} s'}" if 'sparse' in k
-                          else f"dense {'failed' if peers[k] is None else f'{peers[k]:.2f} s'}"
+        which = ", ".join(f"{k.split()[1]} {'failed' if peers[k] is None else f'{peers[k]:.2f} s'}"
                           for k in ("topk dense", "topk sparse"))
         row(a, f"TopK: ours vs SAELens's faster (target >= 2x; {which})",
             ratio(min(ok), t["ours topk"]) if ok else "SAELens failed")
