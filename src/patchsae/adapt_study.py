@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from patchsae.adapt import AdaptOptions, adapt_seeds, mean_accuracy
-from patchsae.analysis.compare import CompareOptions, stage_compare
+from patchsae.analysis.compare import CompareOptions, compare_adapted
 from patchsae.utils import atomic_path, write_json
 
 SCENARIOS = ("fashion-mnist", "digits")
@@ -73,19 +73,19 @@ def stage_adapt_study(run, opts: StudyOptions = StudyOptions(), progress: bool =
     from patchsae.analysis.analyze import open_run
 
     t0 = time.time()
-    cfg, clip, _, _ = open_run(run)
+    cfg, clip, sae, _ = open_run(run)  # opened once: every scenario's adapt and compare share CLIP and the SAE
     results, seconds = {}, {}
     for scenario in opts.scenarios:
         t = time.time()
         if progress:
             print(f"== {scenario}: MaPLe, {len(opts.seeds)} seed(s)", file=sys.stderr)
         aopts = replace(opts.adapt, model=cfg.model, dataset=scenario)
-        folder = run.path / "adapt-study" / scenario / "prompts"
-        reports = adapt_seeds(clip, aopts, list(opts.seeds), folder, progress)
-        prompts = folder if len(opts.seeds) == 1 else folder / f"seed{opts.seeds[0]}"
+        reports = adapt_seeds(clip, aopts, list(opts.seeds), run.path / "adapt-study" / scenario / "prompts",
+                              progress)
         if progress:
             print(f"== {scenario}: comparing concepts (prompts of seed {opts.seeds[0]})", file=sys.stderr)
-        comp = stage_compare(run, prompts, replace(opts.compare, dataset=scenario, name=scenario), progress)
+        comp = compare_adapted(run, cfg, clip, sae, reports[0]["out"],
+                               replace(opts.compare, dataset=scenario, name=scenario), progress)
         results[scenario] = {"accuracy": mean_accuracy(reports), "per_seed": [r["accuracy"] for r in reports],
                              "groups": comp["groups"], "groups_with_prompt_tokens": comp["groups_with_prompt_tokens"],
                              "correlation": comp["correlation"], "masking": comp["masking"],

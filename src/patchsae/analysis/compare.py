@@ -75,10 +75,10 @@ def paired_counts(models: dict[str, ClipModel], sae: SAE, ds: LabelledImages, la
     with visual prompt tokens."""
     C, S = len(ds.class_names), sae.cfg.d_sae
     out: dict[str, torch.Tensor] = {}
-    kinds = {k: m.layout().kinds() for k, m in models.items()}
-    for k, kind in kinds.items():
+    image_rows = {k: m.layout().image_token_mask() for k, m in models.items()}
+    for k, rows in image_rows.items():
         out[k] = torch.zeros(C, S, dtype=torch.long)
-        if "prompt" in kind:
+        if not rows.all():
             out[f"{k}/prompt"] = torch.zeros(C, S, dtype=torch.long)
     pre = next(iter(models.values())).preprocess
     order = range(min(len(ds), max_images)) if max_images else None
@@ -87,7 +87,7 @@ def paired_counts(models: dict[str, ClipModel], sae: SAE, ds: LabelledImages, la
         n += len(labels)
         for k, m in models.items():
             f_BTS = sae.encode(m.block_output(pixels, layer).float())
-            rows = torch.tensor([t != "prompt" for t in kinds[k]])
+            rows = image_rows[k]
             out[k].index_add_(0, labels, (f_BTS[:, rows] > tau).sum(1).cpu())
             if f"{k}/prompt" in out:
                 out[f"{k}/prompt"].index_add_(0, labels, (f_BTS[:, ~rows] > tau).sum(1).cpu())
@@ -224,16 +224,26 @@ def _csv(header: list[str], rows: list[list]) -> str:
 
 def stage_compare(run, adapted: str | Path, opts: CompareOptions = CompareOptions(), progress: bool = True) -> dict:
     """Compare the run's CLIP with its MaPLe-adapted version through the run's SAE; write DIR/compare/<name>."""
+    from patchsae.analysis.analyze import open_run
+
+    t0 = time.time()
+    cfg, clip, sae, _ = open_run(run)
+    return compare_adapted(run, cfg, clip, sae, adapted, opts, progress, t0)
+
+
+def compare_adapted(run, cfg, clip: ClipModel, sae: SAE, adapted: str | Path, opts: CompareOptions = CompareOptions(),
+                    progress: bool = True, t0: float | None = None) -> dict:
+    """`stage_compare` on the run's config, CLIP and SAE as `open_run` returned them (opened once by a caller that
+    compares several prompt sets). CLIP is only read (MaPLe shares its frozen weights); `t0`: when the stage
+    started (default: now)."""
     from safetensors.torch import save_file
 
-    from patchsae.analysis.analyze import open_run
     from patchsae.data import open_dataset
     from patchsae.data.registry import base_novel_split
     from patchsae.data.subsets import resolve_class_list
     from patchsae.models.maple import load_adapted, read_config
 
-    t0 = time.time()
-    cfg, clip, sae, _ = open_run(run)
+    t0 = time.time() if t0 is None else t0
     layer = clip.resolve_layer(cfg.layer)
     maple = load_adapted(clip, adapted)
     sae = sae.to(clip.device).eval()
@@ -255,10 +265,11 @@ def stage_compare(run, adapted: str | Path, opts: CompareOptions = CompareOption
     models = {"clip": clip, "maple": maple}
     counts, n_images = paired_counts(models, sae, ds, layer, opts.tau, opts.max_images, opts.batch_size,
                            "counts" if progress else None)
-    groups = latent_groups(counts["clip"], counts["maple"], opts.top_n, opts.low_rank)
+    low_rank = 2 * opts.top_n if opts.low_rank is None else opts.low_rank
+    groups = latent_groups(counts["clip"], counts["maple"], opts.top_n, low_rank)
     table = group_table(groups, base, novel)
     with_prompts = group_table(latent_groups(counts["clip"], counts["maple"] + counts["maple/prompt"], opts.top_n,
-                                             opts.low_rank), base, novel)
+                                             low_rank), base, novel)
     corr = {"dataset_level": pearson(counts["clip"].sum(0), counts["maple"].sum(0)),
             "class_level_mean": sum(pearson(counts["clip"][c], counts["maple"][c]) for c in range(len(names)))
             / len(names)}
@@ -300,13 +311,13 @@ def stage_compare(run, adapted: str | Path, opts: CompareOptions = CompareOption
         fig = out / f"scatter_{c}_{names[c].replace(' ', '_').replace('/', '_')}.png"
         scatter_figure(fig, counts["clip"][c], counts["maple"][c], {g: m[c] for g, m in groups.items()},
                        f"{dataset}/{split}, class {names[c]!r} ({'base' if c in base else 'novel'})\n"
-                       f"high = top-{opts.top_n}, low = rank >= {opts.low_rank or 2 * opts.top_n} or 0")
+                       f"high = top-{opts.top_n}, low = rank >= {low_rank} or 0")
         figures.append(str(fig))
     summary = {"format": "patchsae-compare/1", "dataset": dataset, "split": split, "images": n_images,
                "rank_split": rank_split if rows else None, "rank_images": n_rank if rows else None,
                "model": clip.name, "adapted": str(adapted), "layer": layer, "d_sae": sae.cfg.d_sae,
                "class_names": names, "base_classes": base, "novel_classes": novel,
-               "rule": {"tau": opts.tau, "top_n": opts.top_n, "low_rank": opts.low_rank or 2 * opts.top_n},
+               "rule": {"tau": opts.tau, "top_n": opts.top_n, "low_rank": low_rank},
                "groups": table, "groups_with_prompt_tokens": with_prompts, "correlation": corr,
                "prompt_token_share": prompt_share, "per_class": {g: groups[g].sum(1).tolist() for g in groups},
                "latents_high_per_class": n_cls.tolist(), "accuracy": acfg.get("accuracy"),

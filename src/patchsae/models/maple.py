@@ -102,10 +102,10 @@ class MapleModel(ClipModel):
     text_features(texts) embeds each text in the learnt prompt ("<ctx> <rest of ctx_init> <text>."); text_head
     ignores templates, the learnt context being the template."""
 
-    def __init__(self, clip: ClipModel, prompts: MaplePrompts, cfg: MapleConfig, name: str):
-        super().__init__(clip.hf, clip.tokenizer, clip.preprocess, name, (f"{cfg.ctx_init} {{}}.",))
+    def __init__(self, clip: ClipModel, prompts: MaplePrompts, ctx_init: str, name: str):
+        super().__init__(clip.hf, clip.tokenizer, clip.preprocess, name, (f"{ctx_init} {{}}.",))
         self.base = clip
-        self.cfg = MapleConfig(prompts.n_ctx, prompts.depth, cfg.ctx_init)
+        self.cfg = MapleConfig(prompts.n_ctx, prompts.depth, ctx_init)  # n_ctx and depth: the prompts' own
         self.prompts = prompts.to(clip.device)
         check_prompts(clip, prompts)
 
@@ -213,7 +213,7 @@ def build_maple(clip: ClipModel, cfg: MapleConfig = MapleConfig(), seed: int = 0
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
         torch.manual_seed(seed)
         prompts = MaplePrompts(ctx, depth, clip.d_model)
-    return MapleModel(clip, prompts, MapleConfig(cfg.n_ctx, depth, cfg.ctx_init), f"{clip.name}+maple")
+    return MapleModel(clip, prompts, cfg.ctx_init, f"{clip.name}+maple")
 
 
 def save_prompts(folder: str | Path, model: MapleModel, meta: dict | None = None) -> Path:
@@ -331,7 +331,7 @@ def load_adapted(clip: ClipModel, prompts_path: str | Path, ctx_init: str | None
         source = f"{clip.name}+maple:{path}"
     prompts = prompts_from_state_dict(sd)
     init = ctx_init or meta.get("ctx_init") or MapleConfig.ctx_init
-    return MapleModel(clip, prompts, MapleConfig(prompts.n_ctx, prompts.depth, init), source)
+    return MapleModel(clip, prompts, init, source)
 
 
 def read_config(folder: str | Path) -> dict:
