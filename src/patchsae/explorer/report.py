@@ -87,9 +87,7 @@ def _write(ex: Explorer, site: Path, top: int, class_top: int) -> dict:
                 ".page table { width: auto; }\n.figs img { max-width: 48%; }\n")
 
     classes = [ex.class_latents(c, class_top) for c in range(len(ex.class_names))]
-    chosen = list(ex.order[:top])
-    chosen += [r["latent"] for c in classes for r in c["latents"] if r["latent"] not in set(chosen)]
-    chosen = list(dict.fromkeys(chosen))
+    chosen = list(dict.fromkeys([*ex.order[:top], *(r["latent"] for c in classes for r in c["latents"])]))
     n_img = 0
     details = {}
     for l in chosen:

@@ -46,16 +46,21 @@ class UnknownImage(KeyError):
 
 @dataclass
 class ImageEntry:
-    """One image the explorer has seen: preprocessed pixels and, per model, the SAE code of its image tokens."""
+    """One image the explorer has seen: preprocessed pixels and, per model and filled on first use, the SAE code
+    of its image tokens and its unhooked image embedding."""
 
     pixels_CHW: torch.Tensor
     label: int | None
     desc: str
     f_TS: dict[str, torch.Tensor] = field(default_factory=dict)  # model key -> (CLS + patches, d_sae)
+    emb_1E: dict[str, torch.Tensor] = field(default_factory=dict)  # model key -> (1, projection_dim)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.pixels_CHW, *self.f_TS.values()))
+    def nbytes(self, code_bytes: dict[str, int]) -> int:
+        """Bytes held, counting the codes of a model not computed yet at their size `code_bytes[key]`: the
+        entry's size once every model has read it, so the cache's byte budget never depends on what was viewed."""
+        held = [self.pixels_CHW, *self.f_TS.values(), *self.emb_1E.values()]
+        return (sum(t.numel() * t.element_size() for t in held)
+                + sum(n for key, n in code_bytes.items() if key not in self.f_TS))
 
 
 def load_analysis(run: Run, d_sae: int) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -158,6 +163,8 @@ class Explorer:
         self._rank = {l: r for r, l in enumerate(self.order)}
         self._images: OrderedDict[str, ImageEntry] = OrderedDict()
         self._max_images, self._max_bytes = max_images, max_bytes  # dense codes: 39 MB an image at ViT-B/16 x64
+        self._code_bytes = {key: (m.layout().n_cls + m.layout().n_patches) * self.d_sae * self.sae.W_enc.element_size()
+                            for key, m in self.models.items()}  # one image's codes per model, for the budget
         self.lock = threading.RLock()
 
     # ---- basic facts ----------------------------------------------------------------------------------------
@@ -193,18 +200,38 @@ class Explorer:
 
     # ---- images -------------------------------------------------------------------------------------------
     def _add(self, image_id: str, pixels_CHW: torch.Tensor | None, label: int | None, desc: str) -> str:
-        """Remember an image (or touch one already known) with its SAE codes under every model."""
+        """Remember an image (or touch one already known); its SAE codes are computed on first use (`codes`)."""
         with self.lock:
             if image_id not in self._images:
-                entry = ImageEntry(pixels_CHW, label, desc)
-                for key, model in self.models.items():
-                    entry.f_TS[key] = patch_maps.image_activations(model, self.sae, pixels_CHW, self.layer)
-                self._images[image_id] = entry
+                self._images[image_id] = ImageEntry(pixels_CHW, label, desc)
             self._images.move_to_end(image_id)
-            while len(self._images) > 1 and (len(self._images) > self._max_images
-                                             or sum(e.nbytes for e in self._images.values()) > self._max_bytes):
-                self._images.popitem(last=False)
+            self._trim()
         return image_id
+
+    def _trim(self) -> None:
+        """Forget the least recently added images beyond the image count or byte budget (keeping at least one)."""
+        with self.lock:
+            while len(self._images) > 1 and (
+                    len(self._images) > self._max_images
+                    or sum(e.nbytes(self._code_bytes) for e in self._images.values()) > self._max_bytes):
+                self._images.popitem(last=False)
+
+    def codes(self, e: ImageEntry, key: str) -> torch.Tensor:
+        """f_TS of an image under model `key`: the SAE code of its CLS + patch tokens, computed once."""
+        with self.lock:
+            if key not in e.f_TS:
+                e.f_TS[key] = patch_maps.image_activations(self.models[key], self.sae, e.pixels_CHW, self.layer)
+                self._trim()
+            return e.f_TS[key]
+
+    def embedding(self, e: ImageEntry, key: str) -> torch.Tensor:
+        """The image's embedding under model `key` with no hook in place, computed once."""
+        with self.lock:
+            if key not in e.emb_1E:
+                with torch.no_grad():
+                    e.emb_1E[key] = self.models[key].image_features(e.pixels_CHW[None])
+                self._trim()
+            return e.emb_1E[key]
 
     def _pixels(self, img: Image.Image, what: str) -> torch.Tensor:
         try:
@@ -222,8 +249,9 @@ class Explorer:
         if not 0 <= index < len(self.ds):
             raise PatchSAEError(f"image index {index} is outside {self.ds.name}/{self.ds.split} (0..{len(self.ds) - 1})")
         image_id = f"ds-{index}"
-        if image_id in self._images:
-            return self._add(image_id, None, None, "")
+        with self.lock:  # check and touch at once: no eviction may come between them
+            if image_id in self._images:
+                return self._add(image_id, None, None, "")
         try:
             img, label = self.ds.load(index)
         except Exception as exc:  # noqa: BLE001 - one unreadable file of the dataset
@@ -248,7 +276,7 @@ class Explorer:
     def predictions(self, emb_BE: torch.Tensor, key: str, n: int = 5) -> list[dict]:
         """Top-n zero-shot classes with softmax probabilities at the model's own logit scale."""
         model = self.models[key]
-        scale = float(model.hf.logit_scale.exp()) if hasattr(model, "hf") else 100.0
+        scale = float(model.hf.logit_scale.exp())
         probs = torch.softmax(scale * model.logits(emb_BE, self.heads[key])[0].float(), -1)
         vals, ids = probs.topk(min(n, len(self.class_names)))
         return [{"class": self.class_names[int(i)], "index": int(i), "prob": round(float(v), 5)}
@@ -262,11 +290,10 @@ class Explorer:
                "label": self.class_names[e.label] if e.label is not None else None,
                "grid": list(self.models["base"].layout().grid), "models": {}}
         for key, model in self.models.items():
-            f_TS, layout = e.f_TS[key], model.layout()
+            f_TS, layout = self.codes(e, key), model.layout()
             ids, vals = patch_maps.top_latents_of_image(f_TS, n)
             p_vals, p_ids = f_TS[layout.n_cls:].topk(min(per_patch, self.d_sae), dim=1)
-            with self.lock:
-                emb = model.image_features(e.pixels_CHW[None])
+            emb = self.embedding(e, key)
             out["models"][key] = {
                 "model": model.name, "top_latents": self._latent_rows(ids, vals),
                 "patches": [self._latent_rows(i, v) for i, v in zip(p_ids.tolist(), p_vals.tolist())],
@@ -280,7 +307,7 @@ class Explorer:
         e = self.entry(image_id)
         out = {"image_id": image_id, "row": row, "col": col, "models": {}}
         for key, model in self.models.items():
-            ids, vals = patch_maps.top_latents_of_patch(e.f_TS[key], model.layout(), row, col, n)
+            ids, vals = patch_maps.top_latents_of_patch(self.codes(e, key), model.layout(), row, col, n)
             out["models"][key] = {"top_latents": self._latent_rows(ids, vals)}
         return out
 
@@ -296,14 +323,10 @@ class Explorer:
                                                                                       Image.BICUBIC)) / 255.0
         if kind == "image":
             return png_bytes(img)
-        grid = patch_maps.patch_grid(e.f_TS[key], model.layout(), self.check_latent(latent))
+        grid = patch_maps.patch_grid(self.codes(e, key), model.layout(), self.check_latent(latent))
         heat = patch_maps.upsample(grid, (size, size))
         return png_bytes(patch_maps.heatmap_overlay(img, heat) if kind == "heatmap"
                          else patch_maps.segmentation(img, heat))
-
-    def patch_max(self, image_id: str, latent: int, key: str = "base") -> float:
-        e = self.entry(image_id)
-        return float(patch_maps.patch_grid(e.f_TS[key], self.check_model(key).layout(), latent).max())
 
     # ---- latents --------------------------------------------------------------------------------------------
     def summary(self, latent: int) -> dict:
@@ -389,7 +412,7 @@ class Explorer:
             return out
 
         with self.lock, torch.no_grad():
-            before = model.image_features(e.pixels_CHW[None])
+            before = self.embedding(e, key)
             with model.replace_block_output(self.layer, fn):
                 after = model.image_features(e.pixels_CHW[None])
         return {"image_id": image_id, "latent": l, "scale": scale, "model": key,
