@@ -42,7 +42,8 @@ class AnalyzeOptions:
 
 
 def open_run(run: Run):
-    """(cfg, model, sae, sae_meta), refusing an SAE that was not trained on this model's hooked block."""
+    """(cfg, model, sae, layer): the run's config, CLIP, SAE and resolved hooked block, refusing an SAE that was
+    not trained on this model's hooked block."""
     from patchsae.models.load import load_model
     from patchsae.sae.checkpoint import load_sae
 
@@ -61,7 +62,14 @@ def open_run(run: Run):
         if "model" in info and info["model"] != model.name:
             raise PatchSAEError(f"the SAE in {run.sae_dir} was trained on {info['model']} ({where}), "
                                 f"but the run's config names {model.name}")
-    return cfg, model, sae, meta
+    return cfg, model, sae, layer
+
+
+def open_run_dataset(cfg, dataset: str | None, split: str):
+    """`dataset` (a --dataset spec), or the run's own dataset read from its local copy if it has one."""
+    from patchsae.data import open_dataset
+
+    return open_dataset(dataset or cfg.dataset, split, path=None if dataset else cfg.dataset_path)
 
 
 def _csv_text(stats, entropy_S, majority_S, names, name_index_SN, name_score_SN, class_names) -> str:
@@ -104,13 +112,9 @@ def _reference_rows(model, sae, ds, layer, stats, entropy_S, ids, names_S) -> li
 
 
 def stage_analyze(run: Run, opts: AnalyzeOptions = AnalyzeOptions(), progress: bool = True) -> dict:
-    from patchsae.data import open_dataset
-
     t0 = time.time()
-    cfg, model, sae, _ = open_run(run)
-    layer = model.resolve_layer(cfg.layer)
-    ds = open_dataset(opts.dataset or cfg.dataset, opts.split or cfg.eval_split,
-                      path=None if opts.dataset else cfg.dataset_path)
+    cfg, model, sae, layer = open_run(run)
+    ds = open_run_dataset(cfg, opts.dataset, opts.split or cfg.eval_split)
     group_ids = latents.resolve_classes(list(opts.groups), ds.class_names)
     phrases = concepts.read_phrases(opts.phrases) if opts.phrases else []
     skips = SkipLog()
@@ -225,12 +229,8 @@ def patch_map_report(run: Run, image: str, latent: int | None = None, patch: tup
                      dataset: str | None = None, split: str | None = None, n: int = 5) -> list[str]:
     """Top latents of one image (and of one patch); writes the patch map of `latent` (default: the top one)
     as DIR/figures/patch_map_<image>_<latent>.png. Returns the lines to print."""
-    from patchsae.data import open_dataset
-
-    cfg, model, sae, _ = open_run(run)
-    layer = model.resolve_layer(cfg.layer)
-    ds = (open_dataset(dataset or cfg.dataset, split or cfg.eval_split, path=None if dataset else cfg.dataset_path)
-          if image.isdigit() else None)
+    cfg, model, sae, layer = open_run(run)
+    ds = open_run_dataset(cfg, dataset, split or cfg.eval_split) if image.isdigit() else None
     pixels, label, desc = patch_maps.load_image(image, ds, model)
     f_TS = patch_maps.image_activations(model, sae, pixels, layer)
     names = _saved_names(run, sae.cfg.d_sae) or [""] * sae.cfg.d_sae

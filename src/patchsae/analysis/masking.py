@@ -474,8 +474,7 @@ def stage_classify(run, opts: ClassifyOptions = ClassifyOptions(), progress: boo
     for name, n in (("--max-rank-images", opts.max_rank_images), ("--max-eval-images", opts.max_eval_images)):
         if n is not None and n < 1:
             raise PatchSAEError(f"{name} must be at least 1, not {n}")
-    cfg, model, sae, _ = open_run(run)
-    layer = model.resolve_layer(cfg.layer)
+    cfg, model, sae, layer = open_run(run)
     path = None if opts.dataset else getattr(cfg, "dataset_path", None)  # the run's local copy, if it has one
     ds_eval = open_dataset(dataset, eval_split, **({"path": path} if path else {}))
     ds_rank = open_dataset(dataset, rank_split, **({"path": path} if path else {}))

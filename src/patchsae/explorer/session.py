@@ -25,7 +25,7 @@ from PIL import Image
 
 from patchsae import PatchSAEError
 from patchsae.analysis import patch_maps
-from patchsae.analysis.analyze import LOW_ENTROPY, open_run
+from patchsae.analysis.analyze import LOW_ENTROPY, open_run, open_run_dataset
 from patchsae.models.clip import ClipModel
 from patchsae.run import Run
 from patchsae.utils import read_json
@@ -129,11 +129,9 @@ class Explorer:
                  max_bytes: int = 1 << 30):
         """`adapt` turns the run's CLIP into an adapted model (e.g. MaPLe prompts) that the same SAE reads."""
         from patchsae.analysis.masking import cached_text_head
-        from patchsae.data import open_dataset
 
         self.run = run
-        cfg, model, sae, _ = open_run(run)
-        self.layer = model.resolve_layer(cfg.layer)
+        cfg, model, sae, self.layer = open_run(run)
         self.sae = sae.to(model.device).eval()
         self.manifest, self.stats = load_analysis(run, sae.cfg.d_sae)
         self.class_names = list(self.manifest["class_names"])
@@ -144,8 +142,7 @@ class Explorer:
             self.models["adapted"] = adapted
         opts = self.manifest.get("options") or {}
         try:
-            self.ds = open_dataset(opts.get("dataset") or cfg.dataset, self.manifest["split"],
-                                   path=None if opts.get("dataset") else cfg.dataset_path)
+            self.ds = open_run_dataset(cfg, opts.get("dataset"), self.manifest["split"])
             self.ds_error = None
         except PatchSAEError as exc:  # uploads still work; reference images do not
             self.ds, self.ds_error = None, str(exc)
