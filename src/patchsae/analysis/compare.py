@@ -35,7 +35,8 @@ from typing import Sequence
 import torch
 
 from patchsae import PatchSAEError
-from patchsae.analysis.masking import ClassifyOptions, GridRow, classify_grid, k_values, rank_positions
+from patchsae.analysis.masking import (BASELINES, ClassifyOptions, GridRow, check_counts, k_values, rank_positions,
+                                       run_grid)
 from patchsae.data.base import LabelledImages, SkipLog, iter_batches
 from patchsae.models.clip import ClipModel
 from patchsae.sae.model import SAE
@@ -141,24 +142,26 @@ def masking_pairs(models: dict[str, ClipModel], sae: SAE, ds: LabelledImages, la
     copts = ClassifyOptions(tau=opts.tau, seeds=(), ks=opts.ks, batch_size=opts.batch_size,
                             max_eval_images=opts.max_eval_images)
     ks = k_values(sae.cfg.d_sae, opts.ks)
+    for counts_CS in rank_counts.values():
+        check_counts(counts_CS, len(ds.class_names), sae.cfg.d_sae)
+    rankings = {("class", name): rank_positions(counts_CS) for name, counts_CS in rank_counts.items()}
+    grid = [GridRow("none", m, None) for m in BASELINES]
+    grid += [GridRow("class", mode, k, name) for name in rank_counts for mode in ("on", "off") for k in ks]
     rows = []
-    for clf, model in models.items():
-        head_CE = model.text_head(ds.class_names)
-        for ranking, counts_CS in rank_counts.items():
-            tally, info = classify_grid(model, sae, ds, layer, head_CE, counts_CS, copts, progress)
-            if ranking == next(iter(rank_counts)):
-                for mode in ("original", "reconstruction"):
-                    acc, per = tally.accuracy(GridRow("none", mode, None))
-                    rows.append({"ranking": "", "classifier": clf, "mode": mode, "k": None, "accuracy": acc,
-                                 "per_class": per})
-            for mode in ("on", "off"):
-                for k in ks:
-                    acc, per = tally.accuracy(GridRow("class", mode, k))
-                    rows.append({"ranking": ranking, "classifier": clf, "mode": mode, "k": k, "accuracy": acc,
-                                 "per_class": per})
-            if progress:
-                print(f"masking: ranking {ranking}, classifier {clf}: {info['images']} images, "
-                      f"{info['seconds']} s (fast last block: {info['fast_last_block']})", file=sys.stderr)
+    for clf, model in models.items():  # one pass over the images per classifier serves every ranking
+        tally, info = run_grid(model, sae, ds, layer, model.text_head(ds.class_names), rankings, grid, copts,
+                               progress)
+        for mode in ("original", "reconstruction"):
+            acc, per = tally.accuracy(GridRow("none", mode, None))
+            rows.append({"ranking": "", "classifier": clf, "mode": mode, "k": None, "accuracy": acc,
+                         "per_class": per})
+        for row in grid[len(BASELINES):]:
+            acc, per = tally.accuracy(row)
+            rows.append({"ranking": row.variant, "classifier": clf, "mode": row.mode, "k": row.k, "accuracy": acc,
+                         "per_class": per})
+        if progress:
+            print(f"masking: classifier {clf}, rankings {', '.join(rank_counts)}: {info['images']} images, "
+                  f"{info['seconds']} s (fast last block: {info['fast_last_block']})", file=sys.stderr)
     return rows
 
 

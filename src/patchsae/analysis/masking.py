@@ -311,7 +311,7 @@ class GridRow:
     selection: str  # none, class, dataset, random
     mode: str  # original, reconstruction, error_kept (selection none); on, off
     k: int | None
-    seed: int | None = None  # random rankings only
+    variant: int | str | None = None  # a random ranking's seed, or the name of the counts a class ranking used
 
 
 @dataclass
@@ -341,20 +341,34 @@ def grid_rows(ks: Sequence[int], seeds: Sequence[int]) -> list[GridRow]:
     return rows
 
 
-@torch.no_grad()
+def check_counts(counts_CS: torch.Tensor, n_classes: int, d_sae: int) -> None:
+    if counts_CS.shape != (n_classes, d_sae):
+        raise PatchSAEError(f"class-level counts have shape {tuple(counts_CS.shape)}, expected ({n_classes}, "
+                            f"{d_sae}): the rank split's classes differ from the evaluated split's")
+
+
 def classify_grid(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, head_CE: torch.Tensor,
                   counts_CS: torch.Tensor, opts: ClassifyOptions, progress: bool = True) -> tuple[Tally, dict]:
-    """Evaluate every grid row on `ds`; one block_output per batch, one cheap finish per row."""
-    sae = sae.to(model.device).eval()
-    d_sae, C = sae.cfg.d_sae, len(ds.class_names)
-    if counts_CS.shape != (C, d_sae):
-        raise PatchSAEError(f"class-level counts have shape {tuple(counts_CS.shape)}, expected ({C}, {d_sae}): "
-                            "the rank split's classes differ from the evaluated split's")
+    """The masking grid of `classify`: class-level, dataset-level and random rankings x on/off x k, plus the
+    baselines, evaluated on `ds` (see run_grid)."""
+    d_sae = sae.cfg.d_sae
+    check_counts(counts_CS, len(ds.class_names), d_sae)
     ks = k_values(d_sae, opts.ks)
     rankings = {("class", None): rank_positions(counts_CS), ("dataset", None): rank_positions(counts_CS.sum(0))}
     rankings.update({("random", s): random_positions(d_sae, s) for s in opts.seeds})
+    tally, info = run_grid(model, sae, ds, layer, head_CE, rankings, grid_rows(ks, opts.seeds), opts, progress)
+    return tally, {**info, "ks": ks}
+
+
+@torch.no_grad()
+def run_grid(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, head_CE: torch.Tensor,
+             rankings: dict[tuple, torch.Tensor], rows: Sequence[GridRow], opts: ClassifyOptions,
+             progress: bool = True) -> tuple[Tally, dict]:
+    """Evaluate every grid row on `ds`; one block_output per batch, one cheap finish per row. A masked row
+    (selection, mode, k, variant) keeps or removes the top k of rankings[(selection, variant)]."""
+    sae = sae.to(model.device).eval()
+    C = len(ds.class_names)
     rankings = {key: pos.to(model.device) for key, pos in rankings.items()}
-    rows = grid_rows(ks, opts.seeds)
     rows_T, _ = image_rows(model)
     all_rows = bool(rows_T.all())
     tally = Tally(C, total_C=torch.zeros(C, dtype=torch.long))
@@ -372,7 +386,7 @@ def classify_grid(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, he
         _grid_batch(model, sae, h_BTD, labels, head_CE, rankings, rows, rows_T, all_rows, finish, tally)
     if n_img == 0:
         raise PatchSAEError(f"no readable images in {ds.name}/{ds.split} ({skips.count} skipped)")
-    return tally, {"images": n_img, "skipped": skips.count, "ks": ks, "fast_last_block": fast,
+    return tally, {"images": n_img, "skipped": skips.count, "fast_last_block": fast,
                    "seconds": round(time.time() - t0, 1)}
 
 
@@ -395,7 +409,7 @@ def _grid_batch(model, sae, h_BTD, labels_B, head_CE, rankings, rows, rows_T, al
     entry_pos = {key: codes.positions(image_positions(pos, labels_B)) for key, pos in rankings.items()}
     for row in rows:
         if row.selection != "none":
-            pos_BTK = entry_pos[(row.selection, row.seed)]
+            pos_BTK = entry_pos[(row.selection, row.variant)]
             classify(row, codes.decode(keep_mask(pos_BTK, row.k, row.mode)))
 
 
