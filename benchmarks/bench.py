@@ -237,7 +237,7 @@ def bench_cache_vs_on_the_fly(n_images: int = 2048, steps: int = 20) -> None:
     from patchsae.data.base import FirstN
     from patchsae.data.fashion_mnist import FashionMNIST
     from patchsae.models.load import load_model
-    from patchsae.run import EMBEDDED_DEFAULTS
+    from patchsae.runs import EMBEDDED_DEFAULTS
 
     print(f"c. training on the embedded model: fp16 cache vs on-the-fly extraction, {steps} steps", flush=True)
     model = load_model("embedded")

@@ -46,7 +46,7 @@ def main() -> None:
     from patchsae.data.fashion_mnist import FashionMNIST
     from patchsae.explorer.server import create_app
     from patchsae.explorer.session import Explorer
-    from patchsae.run import Run
+    from patchsae.runs import Run
 
     t0 = time.perf_counter()
     ex = Explorer(Run(args.run))

@@ -43,7 +43,7 @@ def child(stage: str, folder: str) -> None:
     elif stage == "train":
         from patchsae.activations.cache import ActivationCache
         from patchsae.activations.tokens import CachedTokens
-        from patchsae.run import EMBEDDED_DEFAULTS as E
+        from patchsae.runs import EMBEDDED_DEFAULTS as E
         from patchsae.sae.model import SAEConfig
         from patchsae.sae.train import TrainConfig, train_sae
 

@@ -33,7 +33,7 @@ def main() -> None:
 
     from patchsae.explorer.server import create_app
     from patchsae.explorer.session import Explorer
-    from patchsae.run import Run
+    from patchsae.runs import Run
 
     ex = Explorer(Run(args.run))
     with socket.socket() as s:

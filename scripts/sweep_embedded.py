@@ -12,8 +12,8 @@ import argparse
 import json
 from dataclasses import replace
 
-from patchsae.pipeline import stage_cache, stage_evaluate, stage_train
-from patchsae.run import EMBEDDED_DEFAULTS, Run, RunConfig
+from patchsae.stages import cache, evaluate, train
+from patchsae.runs import EMBEDDED_DEFAULTS, Run, RunConfig
 
 
 def main():
@@ -34,7 +34,7 @@ def main():
                    warmup_steps=args.warmup_steps)
     root = Run(args.run)
     root.init(base, {})
-    stage_cache(root)
+    cache.run(root)
     settings = [("relu", dict(arch="relu", l1_coeff=v)) for v in args.l1]
     settings += [("topk", dict(arch="topk", k=v)) for v in args.topk]
     rows = []
@@ -47,8 +47,8 @@ def main():
         link = sub.cache_dir(base.train_split)
         if not link.exists():
             link.symlink_to(root.cache_dir(base.train_split).resolve())
-        stage_train(sub)
-        m = stage_evaluate(sub)
+        train.run(sub)
+        m = evaluate.run(sub).to_json()
         row = {"arch": arch, "value": value, "expansion": args.expansion, "lr": args.lr,
                "batch_tokens": args.batch_tokens, "epochs": args.epochs, **{k: m[k] for k in (
             "explained_variance", "l0_per_token", "dead_fraction", "dense_fraction", "zero_shot_accuracy",

@@ -13,11 +13,13 @@ from PIL import Image
 
 from patchsae import PatchSAEError, cli
 from patchsae.analysis import latents, patch_maps
-from patchsae.analysis.analyze import AnalyzeOptions, open_run, stage_analyze
+from patchsae.runs.artefacts import open_run
+from patchsae.stages.analyze import AnalyzeOptions
+from patchsae.stages.analyze import run as stage_analyze
 from patchsae.data.base import FirstN, iter_batches
 from patchsae.data.fashion_mnist import FashionMNIST
 from patchsae.models.load import load_model
-from patchsae.run import Run, RunConfig
+from patchsae.runs import Run, RunConfig
 from patchsae.sae.checkpoint import save_sae
 from patchsae.sae.model import SAE, SAEConfig
 
@@ -142,7 +144,7 @@ def test_undecodable_image_is_skipped_and_counted(tmp_path, tiny_clip_dir):
     manifest = json.loads((run.path / "analysis" / "manifest.json").read_text())
     assert manifest["n_images"] == 6 and manifest["n_skipped"] == 1
     assert manifest["skipped"][0][0] == 6  # cat/0-2, dog/0-2, then dog/broken.png
-    assert report["n_skipped"] == 1 and manifest["class_names"] == ["cat", "dog"]
+    assert report.manifest["n_skipped"] == 1 and manifest["class_names"] == ["cat", "dog"]
 
 
 def test_mean_embedding_names_agree_with_the_hooked_path(tmp_path, tiny_clip_dir):

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from patchsae import PatchSAEError, cli
-from patchsae.analysis import masking
+from patchsae.analysis import codes, counts, grid, rankings
+from patchsae.stages.classify import ClassifyOptions
+from patchsae.utils import read_json
 from patchsae.data.base import FirstN, iter_batches
 from patchsae.data.fashion_mnist import FashionMNIST
 from patchsae.models.load import load_model
-from patchsae.run import Run
+from patchsae.runs import Run
 from patchsae.sae.model import SAE, SAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,15 +48,15 @@ def _one_hot_sae(d: int = 6) -> SAE:
 
 def test_rank_positions_and_k_grid():
     counts_CS = torch.tensor([[5, 0, 9, 1], [0, 7, 7, 3]])
-    pos_CS = masking.rank_positions(counts_CS)
+    pos_CS = rankings.rank_positions(counts_CS)
     assert pos_CS.tolist() == [[1, 3, 0, 2], [3, 0, 1, 2]]  # ties keep latent order
-    assert masking.rank_positions(counts_CS.sum(0)).tolist() == [2, 1, 0, 3]
-    assert sorted(masking.random_positions(10, 1).tolist()) == list(range(10))
-    assert torch.equal(masking.random_positions(10, 1), masking.random_positions(10, 1))
-    assert not torch.equal(masking.random_positions(10, 1), masking.random_positions(10, 2))
-    assert masking.k_values(1536) == [1, 2, 5, 10, 50, 100, 500, 1000, 1536]
-    assert masking.k_values(8) == [1, 2, 5, 8]
-    assert masking.k_values(49152)[-2:] == [2000, 49152]
+    assert rankings.rank_positions(counts_CS.sum(0)).tolist() == [2, 1, 0, 3]
+    assert sorted(rankings.random_positions(10, 1).tolist()) == list(range(10))
+    assert torch.equal(rankings.random_positions(10, 1), rankings.random_positions(10, 1))
+    assert not torch.equal(rankings.random_positions(10, 1), rankings.random_positions(10, 2))
+    assert rankings.k_values(1536) == [1, 2, 5, 10, 50, 100, 500, 1000, 1536]
+    assert rankings.k_values(8) == [1, 2, 5, 8]
+    assert rankings.k_values(49152)[-2:] == [2000, 49152]
 
 
 def test_class_masks_keep_exactly_the_ranked_latents_of_each_images_class():
@@ -63,20 +65,20 @@ def test_class_masks_keep_exactly_the_ranked_latents_of_each_images_class():
     labels_B = torch.tensor([0, 1])
     counts_CS = torch.tensor([[0, 0, 9, 8, 0, 1],  # class 0 ranks latents 2, 3, 5, ...
                               [7, 0, 0, 0, 9, 0]])  # class 1 ranks latents 4, 0, ...
-    pos_BS = masking.image_positions(masking.rank_positions(counts_CS), labels_B)
-    codes = masking.SparseCodes(sae, x_BTD)
+    pos_BS = rankings.image_positions(rankings.rank_positions(counts_CS), labels_B)
+    codes = codes.SparseCodes(sae, x_BTD)
     for k, mode, kept in [(1, "on", [{2}, {4}]), (2, "on", [{2, 3}, {4, 0}]), (3, "on", [{2, 3, 5}, {4, 0, 1}]),
                           (2, "off", [{0, 1, 4, 5}, {1, 2, 3, 5}]), (6, "on", [set(range(6))] * 2),
                           (6, "off", [set(), set()])]:
-        dense_BTS = masking.masked_latents(sae.encode(x_BTD), pos_BS, k, mode)
-        sparse_BTD = codes.decode(masking.keep_mask(codes.positions(pos_BS), k, mode))
+        dense_BTS = rankings.masked_latents(sae.encode(x_BTD), pos_BS, k, mode)
+        sparse_BTD = codes.decode(rankings.keep_mask(codes.positions(pos_BS), k, mode))
         torch.testing.assert_close(sparse_BTD, sae.decode(dense_BTS))
         for b in range(2):
             want = torch.zeros(6)
             want[list(kept[b])] = x_BTD[b, 0, list(kept[b])]
             torch.testing.assert_close(sparse_BTD[b], want.expand(2, 6), msg=f"{k} {mode} image {b}")
     # a shared (dataset-level) ranking gives every image the same latents
-    pos_BS = masking.image_positions(masking.rank_positions(counts_CS.sum(0)), labels_B)
+    pos_BS = rankings.image_positions(rankings.rank_positions(counts_CS.sum(0)), labels_B)
     assert torch.equal(pos_BS[0], pos_BS[1])
 
 
@@ -87,14 +89,14 @@ def test_sparse_decoding_matches_dense_masks_on_a_random_sae(monkeypatch):
         sae.b_enc.uniform_(-0.5, 0.2)
     x_BTD = torch.randn(7, 5, 32)
     labels_B = torch.tensor([0, 1, 2, 0, 1, 2, 0])
-    codes = masking.SparseCodes(sae, x_BTD)
+    codes = codes.SparseCodes(sae, x_BTD)
     assert codes.id_BTK.shape[-1] < 64
     torch.testing.assert_close(codes.decode(), sae.decode(sae.encode(x_BTD)), rtol=1e-5, atol=1e-5)
-    pos_BS = masking.image_positions(masking.rank_positions(torch.randint(0, 50, (3, 64))), labels_B)
+    pos_BS = rankings.image_positions(rankings.rank_positions(torch.randint(0, 50, (3, 64))), labels_B)
     for k in (1, 10, 64):
         for mode in ("on", "off"):
-            want = sae.decode(masking.masked_latents(sae.encode(x_BTD), pos_BS, k, mode))
-            got = codes.decode(masking.keep_mask(codes.positions(pos_BS), k, mode))
+            want = sae.decode(rankings.masked_latents(sae.encode(x_BTD), pos_BS, k, mode))
+            got = codes.decode(rankings.keep_mask(codes.positions(pos_BS), k, mode))
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -108,7 +110,7 @@ def test_splice_hook_changes_only_the_hooked_block_and_is_removed(tiny):
     h_BTD = model.block_output(pixels, 1)
     keep_S = torch.zeros(64)
     keep_S[:20] = 1
-    with masking.spliced(model, sae, 1, keep_S):
+    with codes.spliced(model, sae, 1, keep_S):
         torch.testing.assert_close(model.block_output(pixels, 0), below)  # blocks below: untouched
         inside = model.image_features(pixels)
         hooked = model.block_output(pixels, 1)
@@ -134,9 +136,10 @@ def test_grid_baselines_and_error_term(tiny):
     ds = FirstN(FashionMNIST("test"), 40)
     head_CE = model.text_head(ds.class_names)
     counts_CS = torch.randint(0, 30, (10, 64))
-    opts = masking.ClassifyOptions(batch_size=16, seeds=(0, 1))
-    tally, info = masking.classify_grid(model, sae, ds, -2, head_CE, counts_CS, opts, progress=False)
-    rows = masking.result_rows(tally, info["ks"], opts.seeds)
+    opts = ClassifyOptions(batch_size=16, seeds=(0, 1))
+    tally, info = grid.classify_grid(model, sae, ds, -2, head_CE, counts_CS, opts.ks, opts.seeds, opts.max_eval_images,
+                                     opts.batch_size, progress=False)
+    rows = grid.result_rows(tally, info["ks"], opts.seeds)
     acc = {(r["selection"], r["mode"], r["k"]): r["accuracy"] for r in rows}
     assert info["ks"] == [1, 2, 5, 10, 50, 64] and info["images"] == 40
     assert acc[("none", "error_kept", None)] == acc[("none", "original", None)]
@@ -194,7 +197,7 @@ def test_cli_classify_end_to_end(quick_run, capsys):
     for r in body:
         assert 0.0 <= float(r[3]) <= 1.0 and all(0.0 <= float(a) <= 1.0 for a in r[4:])
     assert body[2][3] == body[0][3]  # error term kept = original
-    manifest = masking.read_json(quick_run / "classify" / "manifest.json")
+    manifest = read_json(quick_run / "classify" / "manifest.json")
     assert manifest["rank_split"] == "train" and manifest["eval_split"] == "test"
     assert manifest["rank_images"] == 120 and manifest["eval_images"] == 50
     assert manifest["rank_source"].endswith("cache/train")  # the training cache, no second CLIP pass
@@ -205,18 +208,18 @@ def test_cli_classify_end_to_end(quick_run, capsys):
     # a split the cache does not cover is streamed; same split allowed on request
     assert cli.main(["classify", "--run", str(quick_run), "--rank-split", "test", "--allow-same-split",
                      "--max-rank-images", "30", "--max-eval-images", "30", "--batch-size", "32"]) == 0
-    manifest = masking.read_json(quick_run / "classify" / "manifest.json")
+    manifest = read_json(quick_run / "classify" / "manifest.json")
     assert manifest["rank_source"].startswith("stream") and manifest["rank_images"] == 30
 
 
 def test_counts_from_cache_equal_a_streaming_pass(quick_run):
     from patchsae.activations.cache import ActivationCache
-    from patchsae.analysis.analyze import open_run
+    from patchsae.runs.artefacts import open_run
 
     _, model, sae, _ = open_run(Run(quick_run))
     ds = FirstN(FashionMNIST("train"), 40)
-    streamed, n = masking.counts_from_stream(model, sae, ds, -2, 0.2, 40, 16, False)
-    cached, m = masking.counts_from_cache(ActivationCache(quick_run / "cache" / "train"), sae, 10, 0.2, 40)
+    streamed, n = counts.counts_from_stream(model, sae, ds, -2, 0.2, 40, 16, False)
+    cached, m = counts.counts_from_cache(ActivationCache(quick_run / "cache" / "train"), sae, 10, 0.2, 40)
     assert n == m == 40 and streamed.sum() > 0
     # the cache is fp16: allow the rare token that sits right at tau
     assert (streamed - cached).abs().sum() <= 0.01 * streamed.sum()

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from patchsae import cli
-from patchsae.pipeline import SUMMARY_KEYS
-from patchsae.run import Run, RunConfig
+from patchsae.runs import Run, RunConfig
+from patchsae.stages.quickstart import SUMMARY_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--max-train-images", "300", "--max-eval-images", "200", "--expansion", "4", "--warmup-steps", "5"]
@@ -153,8 +153,8 @@ def test_rejected_layer_does_not_lock_the_run_directory(tiny_clip_dir, tmp_path,
     assert cli.main(["quickstart", "--run", str(run), "--model", str(tiny_clip_dir), "--layer", "99", *QUICK]) == 2
     assert "99" in capsys.readouterr().err
     # what `patchsae quickstart --run RUN --model M --layer -2 ...` does first: accept the corrected settings
-    overrides = cli._overrides(cli.build_parser().parse_args(
-        ["quickstart", "--run", str(run), "--model", str(tiny_clip_dir), "--layer", "-2", *QUICK]))
+    overrides = cli.given(cli.build_parser().parse_args(
+        ["quickstart", "--run", str(run), "--model", str(tiny_clip_dir), "--layer", "-2", *QUICK]), RunConfig)
     Run(run).init(RunConfig(), overrides)
 
 

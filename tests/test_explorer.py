@@ -21,13 +21,15 @@ import torch
 from PIL import Image
 
 from patchsae import PatchSAEError, cli
-from patchsae.analysis.analyze import LOW_ENTROPY, AnalyzeOptions, stage_analyze
+from patchsae.analysis.latents import LOW_ENTROPY
 from patchsae.data.fashion_mnist import FashionMNIST
 from patchsae.explorer.report import write_report
 from patchsae.explorer.server import create_app
 from patchsae.explorer.session import Explorer, split_common
 from patchsae.models.clip import ClipModel, TokenLayout
-from patchsae.run import Run, RunConfig
+from patchsae.runs import Run, RunConfig
+from patchsae.stages.analyze import AnalyzeOptions
+from patchsae.stages.analyze import run as stage_analyze
 from patchsae.sae.checkpoint import save_sae
 from patchsae.sae.model import SAE, SAEConfig
 

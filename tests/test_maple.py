@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from conftest import make_clip
 from patchsae import PatchSAEError, cli
-from patchsae.adapt import AdaptOptions, improvement_rate, train_prompts
-from patchsae.analysis.compare import group_table, latent_groups, pearson
+from patchsae.adaptation.prompts import improvement_rate, train_prompts
+from patchsae.analysis.groups import group_table, latent_groups, pearson
+from patchsae.stages.adapt import AdaptOptions
 from patchsae.models.load import load_model
 from patchsae.models.maple import (MapleConfig, build_maple, default_depth, load_adapted, load_official_checkpoint,
                                    save_prompts)
@@ -122,7 +123,8 @@ def test_existing_analysis_runs_on_the_adapted_model(clip):
     """Patch maps, class-level counts and SAE splicing take the adapted model as it is and see only its image
     tokens (CLS + patches), never the visual prompt rows."""
     from patchsae.analysis.latents import collect_stats
-    from patchsae.analysis.masking import make_finisher, spliced
+    from patchsae.analysis.codes import spliced
+    from patchsae.analysis.masking import make_finisher
     from patchsae.analysis.patch_maps import image_activations, patch_grid
     from patchsae.data.base import iter_batches
     from patchsae.sae.model import SAE, SAEConfig
@@ -220,7 +222,7 @@ def test_training_moves_the_prompts_and_leaves_clip_bit_identical(clip):
     start = {k: v.clone() for k, v in maple.prompts.state_dict().items()}
     x, y = _pixels(8, seed=1), torch.arange(8) % 4
     log = train_prompts(maple, x, y, ["a", "b", "c", "d"],
-                        AdaptOptions(optimizer="adamw", lr=1e-2, epochs=3, batch_size=4, warmup_epochs=0),
+                        AdaptOptions(optimizer="adamw", lr=1e-2, epochs=3, batch_size=4, warmup_epochs=0).recipe(),
                         progress=False)
     assert len(log) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     for k, v in clip.hf.state_dict().items():

@@ -98,3 +98,59 @@ def class_bars_figure(path: str | Path, class_counts_CS: torch.Tensor, class_nam
     fig.suptitle("top latents per class (tokens above tau, summed over the class's images)", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
+
+
+def masking_figure(path: str | Path, rows: list[dict], title: str) -> None:
+    """Accuracy vs k (log axis), one line per selection and mode; dashed: original and full reconstruction."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {"class": "#c0392b", "dataset": "#2e86c1", "random": "#7f8c8d"}
+    for sel in ("class", "dataset", "random"):
+        for mode, style in (("on", "-o"), ("off", "--s")):
+            pts = [(r["k"], r["accuracy"]) for r in rows if r["selection"] == sel and r["mode"] == mode]
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, color=colours[sel], ms=3.5,
+                    label=f"{sel} {mode}" + (" (mean of seeds)" if sel == "random" else ""))
+    base = {r["mode"]: r["accuracy"] for r in rows if r["selection"] == "none"}
+    ax.axhline(100 * base["original"], color="black", ls=":", lw=1.2, label="original (unspliced)")
+    ax.axhline(100 * base["reconstruction"], color="#8e44ad", ls="--", lw=1.0, label="full reconstruction")
+    finish_k_axes(fig, ax, path, title, "k (latents kept for 'on', removed for 'off')", 7)
+
+
+def groups_scatter_figure(path: Path, clip_S: torch.Tensor, adapted_S: torch.Tensor, groups: dict[str, torch.Tensor],
+                   title: str) -> None:
+    """Per latent: class-level count under CLIP (x) vs under MaPLe (y), coloured by group (symlog axes)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    colours = {"other": "#c8c8c8", "shifted": "#8e8e8e", "high": "#2e86c1", "high_to_low": "#c0392b",
+               "low_to_high": "#27ae60"}
+    other = ~(groups["high"] | groups["high_to_low"] | groups["low_to_high"] | groups["shifted"])
+    for g, mask in (("other", other), *((g, groups[g]) for g in ("shifted", "high", "high_to_low",
+                                                                  "low_to_high"))):
+        ax.scatter(clip_S[mask].numpy(), adapted_S[mask].numpy(), s=9 if g != "other" else 4, c=colours[g],
+                   label=f"{g.replace('_to_', ' -> ')} ({int(mask.sum())})", alpha=0.85, linewidths=0)
+    top = float(max(clip_S.max(), adapted_S.max(), 1))
+    ax.plot([0, top], [0, top], color="black", lw=0.8, ls=":")
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_xlabel("class-level count, CLIP")
+    ax.set_ylabel("class-level count, MaPLe")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def pairs_masking_figure(path: Path, rows: list[dict], title: str) -> None:
+    """Accuracy vs k for every pairing of ranking and classifier, 'on' solid and 'off' dashed."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {("clip", "clip"): "#2e86c1", ("clip", "maple"): "#85c1e9", ("maple", "maple"): "#c0392b",
+              ("maple", "clip"): "#f1948a"}
+    for (ranking, clf), colour in styles.items():
+        for mode, ls in (("on", "-o"), ("off", "--s")):
+            pts = [(r["k"], 100 * r["accuracy"]) for r in rows
+                   if r["ranking"] == ranking and r["classifier"] == clf and r["mode"] == mode]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, color=colour, ms=3,
+                        label=f"ranking {ranking}, classifier {clf}, {mode}")
+    finish_k_axes(fig, ax, path, title, "k (class-level top-k latents kept for 'on', removed for 'off')", 6)

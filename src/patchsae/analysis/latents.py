@@ -22,6 +22,13 @@ from patchsae.models.clip import ClipModel
 from patchsae.sae.model import SAE
 
 ENCODE_ELEMENTS = 1 << 25  # (images x tokens x d_sae) elements encoded at once: bounds the temporary f_BTS
+LOW_ENTROPY = 0.5  # nats; below it a latent's reference images are (nearly) one class
+
+
+def add_class_counts(counts_CS: torch.Tensor, f_BTS: torch.Tensor, labels_B: torch.Tensor, tau: float) -> None:
+    """The paper's class-level count, the one place it is computed: counts_CS[label] += the number of the image's
+    tokens with activation > tau (strictly, so a zero never counts, even at tau = 0); in place."""
+    counts_CS.index_add_(0, labels_B.cpu().long(), (f_BTS > tau).sum(1).cpu())
 
 
 class RunningTopK:
@@ -72,11 +79,6 @@ class LatentStats:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v.contiguous() for k, v in self.__dict__.items() if torch.is_tensor(v)}
 
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], n_images: int) -> "LatentStats":
-        names = [f for f in cls.__dataclass_fields__ if f != "n_images"]
-        return cls(n_images=n_images, **{k: tensors[k] for k in names})
-
 
 class LatentAccumulator:
     """Running sums and top-k tables, updated batch by batch; its size never depends on the image count."""
@@ -102,8 +104,7 @@ class LatentAccumulator:
         self.sum_S += torch.where(fired_BS, img_BS, 0.0).sum(0, dtype=torch.float64).cpu()
         self.image_top.update(img_BS, index_B, label_B)
         self.patch_top.update(f_BTS[:, patch_rows_T].amax(1), index_B, label_B)
-        counts_BS = (f_BTS > self.tau).sum(1)
-        self.class_counts_CS.index_add_(0, label_B.cpu().long(), counts_BS.cpu())
+        add_class_counts(self.class_counts_CS, f_BTS, label_B, self.tau)
         self.n_images += len(label_B)
 
     def tensors(self) -> list[torch.Tensor]:

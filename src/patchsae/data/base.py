@@ -26,6 +26,21 @@ class LabelledImages(Protocol):
     def load(self, i: int) -> tuple[Image.Image, int]: ...
 
 
+class GrayArrays:
+    """A dataset held as arrays: 8-bit grayscale images (N, H, W) and int64 labels (N,); subclasses set `name`,
+    `class_names`, `split`, `images` and `labels`."""
+
+    name: str
+    split: str
+    class_names: Sequence[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, i: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[i], mode="L"), int(self.labels[i])
+
+
 @dataclass
 class SkipLog:
     """Counts images that could not be decoded; a long run reports them instead of crashing."""

@@ -12,12 +12,13 @@ from __future__ import annotations
 import numpy as np
 
 from patchsae import PatchSAEError
+from patchsae.data.base import GrayArrays
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 N_TRAIN = 1000
 
 
-class Digits:
+class Digits(GrayArrays):
     name = "digits"
     class_names = CLASS_NAMES
 
@@ -33,11 +34,3 @@ class Digits:
         self.split = split
         self.images = np.round(data.images[part] * (255.0 / 16.0)).astype(np.uint8)
         self.labels = data.target[part].astype(np.int64)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def load(self, i: int):
-        from PIL import Image
-
-        return Image.fromarray(self.images[i], mode="L"), int(self.labels[i])

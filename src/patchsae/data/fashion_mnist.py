@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from patchsae import PatchSAEError
+from patchsae.data.base import GrayArrays
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = (
@@ -46,7 +47,7 @@ def load_arrays(split: str, root: str | Path = DEFAULT_ROOT) -> tuple[np.ndarray
     return _read_idx(img_file, 3).copy(), _read_idx(lbl_file, 1).astype(np.int64)
 
 
-class FashionMNIST:
+class FashionMNIST(GrayArrays):
     """The embedded dataset: Fashion-MNIST 'train' (60,000) or 'test' (10,000), 28x28 grayscale."""
 
     name = "fashion-mnist"
@@ -55,11 +56,3 @@ class FashionMNIST:
     def __init__(self, split: str = "train", root: str | Path = DEFAULT_ROOT):
         self.split = split
         self.images, self.labels = load_arrays(split, root)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def load(self, i: int):
-        from PIL import Image
-
-        return Image.fromarray(self.images[i], mode="L"), int(self.labels[i])

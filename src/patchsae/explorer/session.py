@@ -25,10 +25,10 @@ from PIL import Image
 
 from patchsae import PatchSAEError
 from patchsae.analysis import patch_maps
-from patchsae.analysis.analyze import LOW_ENTROPY, open_run, open_run_dataset
+from patchsae.analysis.latents import LOW_ENTROPY
 from patchsae.models.clip import ClipModel
-from patchsae.run import Run
-from patchsae.utils import read_json
+from patchsae.runs import Run
+from patchsae.runs.artefacts import open_run, open_run_dataset, require_analysis
 
 STATIC_DIR = Path(__file__).parent / "static"  # the page's HTML/JS/CSS, shipped as package data
 DISPLAY = 224  # pixels per side of the images and heatmaps the explorer draws
@@ -61,26 +61,6 @@ class ImageEntry:
         held = [self.pixels_CHW, *self.f_TS.values(), *self.emb_1E.values()]
         return (sum(t.numel() * t.element_size() for t in held)
                 + sum(n for key, n in code_bytes.items() if key not in self.f_TS))
-
-
-def load_analysis(run: Run, d_sae: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(manifest, tensors) written by `patchsae analyze`, refusing a missing, foreign or stale analysis."""
-    from safetensors.torch import load_file
-
-    folder = run.path / "analysis"
-    mf, stats = folder / "manifest.json", folder / "stats.safetensors"
-    if not mf.exists() or not stats.exists():
-        raise PatchSAEError(f"{run.path} has no concept statistics ({folder}); run `patchsae analyze --run "
-                            f"{run.path}` first")
-    manifest, tensors = read_json(mf), load_file(str(stats))
-    if manifest.get("d_sae") != d_sae or len(tensors["frequency_S"]) != d_sae:
-        raise PatchSAEError(f"{folder} describes an SAE with {manifest.get('d_sae')} latents, but {run.sae_dir} has "
-                            f"{d_sae}; rerun `patchsae analyze --run {run.path}`")
-    weights = run.sae_dir / "model.safetensors"
-    if weights.exists() and stats.stat().st_mtime < weights.stat().st_mtime:
-        raise PatchSAEError(f"{folder} is older than the SAE in {run.sae_dir}; rerun `patchsae analyze --run "
-                            f"{run.path}`")
-    return manifest, tensors
 
 
 def interpretable_order(tensors: dict[str, torch.Tensor]) -> list[int]:
@@ -128,12 +108,13 @@ class Explorer:
     def __init__(self, run: Run, adapt: Callable[[ClipModel], ClipModel] | None = None, max_images: int = 64,
                  max_bytes: int = 1 << 30):
         """`adapt` turns the run's CLIP into an adapted model (e.g. MaPLe prompts) that the same SAE reads."""
-        from patchsae.analysis.masking import cached_text_head
+        from patchsae.models.text_head import cached_text_head
 
         self.run = run
         cfg, model, sae, self.layer = open_run(run)
         self.sae = sae.to(model.device).eval()
-        self.manifest, self.stats = load_analysis(run, sae.cfg.d_sae)
+        analysis = require_analysis(run, sae.cfg.d_sae)
+        self.manifest, self.stats = analysis.manifest, analysis.tensors
         self.class_names = list(self.manifest["class_names"])
         self.models: dict[str, ClipModel] = {"base": model}
         adapted = adapt(model) if adapt is not None else None
@@ -146,10 +127,7 @@ class Explorer:
             self.ds_error = None
         except PatchSAEError as exc:  # uploads still work; reference images do not
             self.ds, self.ds_error = None, str(exc)
-        try:
-            base_head = cached_text_head(model, self.class_names, run.path / "classify" / "text_head.safetensors")
-        except OSError:  # a read-only run directory: compute without caching
-            base_head = model.text_head(self.class_names)
+        base_head = cached_text_head(model, self.class_names, run.text_head_file, write=False)
         self.heads = {"base": base_head}
         if adapted is not None:
             self.heads["adapted"] = adapted.text_head(self.class_names)

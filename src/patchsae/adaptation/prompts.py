@@ -1,14 +1,10 @@
-"""The `adapt` stage: train MaPLe prompts few-shot on the base classes of a dataset and measure base and novel
-accuracy against the frozen CLIP's zero-shot head (MaPLe's base-to-novel protocol).
+"""MaPLe prompt training and base/novel accuracy (MaPLe's base-to-novel protocol), as pure computation: a model,
+images and a small typed recipe in, prompts trained in place and accuracies out; no paths (stages/adapt.py writes).
 
-  OUT/prompts.safetensors   the learnt prompts, under the official code's parameter names
-  OUT/config.json           n_ctx, depth, ctx_init, model, dataset, base/novel classes, training options, the
-                            few-shot image indices, the training log and the accuracies (written last)
-
-Protocol: `shots` training images per base class (seeded draw); base accuracy = the base classes' eval-split
-images classified among the base classes only, novel accuracy likewise among the novel classes (the two heads
-never compete). Zero-shot = the frozen CLIP with its own prompt ensemble (`ClipModel.text_head`); adapted = the
-MaPLe model with its learnt context. delta = (adapted - zero-shot) / (100 - zero-shot), on the base classes, in %.
+Protocol: base accuracy = the base classes' eval-split images classified among the base classes only, novel
+accuracy likewise among the novel classes (the two heads never compete). Zero-shot = the frozen CLIP with its own
+prompt ensemble (`text_head`); adapted = the MaPLe model with its learnt context.
+delta = (adapted - zero-shot) / (100 - zero-shot), in %.
 
 Training (defaults = the official base-to-novel recipe, vit_b16_c2_ep5_batch4_2ctx): SGD, momentum 0.9, weight
 decay 5e-4, lr 0.0035, batch 4, 5 epochs, the first epoch at a constant 1e-5 (warm-up), then cosine to 0;
@@ -20,9 +16,7 @@ from __future__ import annotations
 
 import math
 import sys
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,34 +25,22 @@ import torch.nn.functional as F
 from patchsae import PatchSAEError
 from patchsae.data.base import LabelledImages, SkipLog, iter_batches
 from patchsae.models.clip import ClipModel
-from patchsae.models.maple import MapleConfig, MapleModel, build_maple, save_prompts
+from patchsae.models.maple import MapleModel
 
 
 @dataclass(frozen=True)
-class AdaptOptions:
-    model: str = "embedded"
-    dataset: str = "fashion-mnist"
-    dataset_path: str | None = None
-    train_split: str = "train"
-    eval_split: str = "test"
-    base_classes: tuple[str, ...] = ()  # names or ids; default: the first ceil(n/2) classes
-    novel_classes: tuple[str, ...] = ()  # default: all other classes
-    shots: int = 16
-    n_ctx: int = 2
-    depth: int | None = None  # default: models.maple.default_depth
-    ctx_init: str = "a photo of a"
+class PromptRecipe:
+    """How the prompts are trained (defaults: the official base-to-novel recipe)."""
+
     optimizer: str = "sgd"  # sgd | adamw
     lr: float | None = None  # default: 0.0035 (sgd), 0.002 (adamw)
     weight_decay: float = 5e-4
     epochs: int = 5
     batch_size: int = 4
-    warmup_epochs: int = 1
+    warmup_epochs: int = 1  # epochs at the constant warmup_lr before the cosine schedule
     warmup_lr: float = 1e-5
-    shift: int = 2
+    shift: int = 2  # augmentation: random shifts of up to this many pixels
     seed: int = 1
-    max_eval_images: int | None = None  # per group (base, novel)
-    eval_batch_size: int = 256
-    device: str = "cpu"
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else {"sgd": 0.0035, "adamw": 0.002}[self.optimizer]
@@ -88,6 +70,7 @@ def split_classes(class_names, base: tuple[str, ...], novel: tuple[str, ...]) ->
     return b, nv
 
 
+
 # ---- training -----------------------------------------------------------------------------------------------
 
 def _shift(x_BCHW: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -100,7 +83,7 @@ def _shift(x_BCHW: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.
     return torch.stack([padded[b, :, dy[b]: dy[b] + H, dx[b]: dx[b] + W] for b in range(B)])
 
 
-def lr_at(step: int, steps_per_epoch: int, total: int, opts: AdaptOptions) -> float:
+def lr_at(step: int, steps_per_epoch: int, total: int, opts: PromptRecipe) -> float:
     warm = opts.warmup_epochs * steps_per_epoch
     if step < warm:
         return opts.warmup_lr
@@ -109,7 +92,7 @@ def lr_at(step: int, steps_per_epoch: int, total: int, opts: AdaptOptions) -> fl
 
 
 def train_prompts(model: MapleModel, pixels_NCHW: torch.Tensor, labels_N: torch.Tensor, class_names,
-                  opts: AdaptOptions, progress: bool = True) -> list[dict]:
+                  opts: PromptRecipe, progress: bool = True) -> list[dict]:
     """Train `model.prompts` in place on the few-shot images (labels index `class_names`); CLIP stays frozen.
     Returns one log row per epoch (mean loss, training accuracy, learning rate)."""
     params = list(model.prompts.parameters())
@@ -123,7 +106,7 @@ def train_prompts(model: MapleModel, pixels_NCHW: torch.Tensor, labels_N: torch.
     N = len(labels_N)
     per_epoch = math.ceil(N / opts.batch_size)
     total = per_epoch * opts.epochs
-    scale = model.hf.logit_scale.exp().clamp(max=100.0).item()
+    scale = min(model.logit_scale, 100.0)
     model.prompts.train()
     log, step = [], 0
     for epoch in range(opts.epochs):
@@ -196,8 +179,6 @@ def base_novel_accuracies(clip: ClipModel, maple: MapleModel, ds_eval: LabelledI
     return out
 
 
-# ---- the stage ----------------------------------------------------------------------------------------------
-
 def few_shot_pixels(clip: ClipModel, ds: LabelledImages, indices: np.ndarray, classes: list[int]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Preprocessed few-shot images and their labels re-indexed into `classes`."""
@@ -210,85 +191,12 @@ def few_shot_pixels(clip: ClipModel, ds: LabelledImages, indices: np.ndarray, cl
     return torch.stack(imgs), torch.tensor(labels)
 
 
-def adapt(clip: ClipModel, opts: AdaptOptions, out: str | Path, progress: bool = True,
-          zero_shot: dict | None = None) -> dict:
-    """Train prompts on the base classes, evaluate base/novel, save OUT/prompts.safetensors + config.json.
-    `zero_shot`: an earlier report's accuracy dict on the same evaluation images, reused for the frozen CLIP."""
-    from patchsae.data import open_dataset
-    from patchsae.data.subsets import dataset_labels, few_shot_indices
-
-    t0 = time.time()
-    if opts.shots < 1 or opts.epochs < 1 or opts.batch_size < 1:
-        raise PatchSAEError("--shots, --epochs and --batch-size must be at least 1")
-    kw = {"path": opts.dataset_path} if opts.dataset_path else {}
-    ds_train = open_dataset(opts.dataset, opts.train_split, **kw)
-    ds_eval = open_dataset(opts.dataset, opts.eval_split, **kw)
-    if list(ds_train.class_names) != list(ds_eval.class_names):
-        raise PatchSAEError(f"{opts.dataset}: splits {opts.train_split!r} and {opts.eval_split!r} have different "
-                            "classes")
-    names = list(ds_train.class_names)
-    base, novel = split_classes(names, opts.base_classes, opts.novel_classes)
-    shots = few_shot_indices(dataset_labels(ds_train), base, opts.shots, opts.seed)
-    pixels, labels = few_shot_pixels(clip, ds_train, shots, base)
-    maple = build_maple(clip, MapleConfig(opts.n_ctx, opts.depth, opts.ctx_init), seed=opts.seed)
-    frozen_before = sum(float(p.double().sum()) for p in clip.hf.parameters())
-    if progress:
-        print(f"MaPLe on {clip.name}: {maple.prompts.n_ctx} context tokens, depth {maple.depth}, "
-              f"{sum(p.numel() for p in maple.prompts.parameters()):,} parameters; {len(shots)} training images "
-              f"({opts.shots} x {len(base)} base classes)", file=sys.stderr)
-    t_train = time.time()
-    log = train_prompts(maple, pixels, labels, [names[c] for c in base], opts, progress)
-    t_train = time.time() - t_train
-    if sum(float(p.double().sum()) for p in clip.hf.parameters()) != frozen_before:
-        raise PatchSAEError("internal error: CLIP weights changed during prompt training")
-    acc = base_novel_accuracies(clip, maple, ds_eval, base, novel, opts.max_eval_images, opts.eval_batch_size,
-                                progress, zero_shot)
-    meta = {"dataset": opts.dataset, "dataset_path": opts.dataset_path, "train_split": opts.train_split,
-            "eval_split": opts.eval_split, "class_names": names, "base_classes": base, "novel_classes": novel,
-            "shots": opts.shots, "seed": opts.seed, "few_shot_indices": shots.tolist(),
-            "options": asdict(opts), "train_log": log, "accuracy": acc,
-            "seconds": {"train": round(t_train, 1), "total": round(time.time() - t0, 1)}}
-    save_prompts(out, maple, meta)
-    return {**meta, "out": str(out), "depth": maple.depth, "n_ctx": maple.prompts.n_ctx, "model": clip.name}
-
-
-def format_adapt(report: dict) -> str:
-    lines = [f"MaPLe prompts ({report['n_ctx']} tokens, depth {report['depth']}) on {report['model']}, "
-             f"{report['dataset']}: {report['shots']} shots x {len(report['base_classes'])} base classes, "
-             f"seed {report['seed']}, {report['seconds']['train']} s training",
-             f"{'classes':<8}{'zero-shot':>11}{'MaPLe':>9}{'delta':>9}{'images':>8}"]
-    for group in ("base", "novel"):
-        a = report["accuracy"].get(group)
-        if a:
-            lines.append(f"{group:<8}{a['zero_shot']:>10.2f}%{a['adapted']:>8.2f}%{a['delta']:>8.2f}%"
-                         f"{a['images']:>8}")
-    lines.append("delta = (MaPLe - zero-shot) / (100 - zero-shot)")
-    return "\n".join(lines)
-
-
-__all__ = ["AdaptOptions", "adapt", "format_adapt", "improvement_rate", "train_prompts"]
-
-
-# ---- several seeds, and the two-scenario study ------------------------------------------------------------
-
-def adapt_seeds(clip: ClipModel, opts: AdaptOptions, seeds: list[int], out: str | Path,
-                progress: bool = True) -> list[dict]:
-    """`adapt` once per seed: OUT itself for one seed, OUT/seed<N> for several."""
-    from dataclasses import replace
-
-    if len(seeds) == 1:
-        return [adapt(clip, replace(opts, seed=seeds[0]), out, progress)]
-    reports = [adapt(clip, replace(opts, seed=seeds[0]), Path(out) / f"seed{seeds[0]}", progress)]
-    for s in seeds[1:]:  # the frozen CLIP's accuracy does not depend on the seed: measured once
-        reports.append(adapt(clip, replace(opts, seed=s), Path(out) / f"seed{s}", progress, reports[0]["accuracy"]))
-    return reports
-
-
-def mean_accuracy(reports: list[dict]) -> dict:
-    """Accuracies and delta averaged over seeds (delta of the averaged accuracies), with the spread."""
+def mean_accuracy(accuracies: list[dict]) -> dict:
+    """Accuracies and delta averaged over seeds (delta of the averaged accuracies), with the spread; one
+    `base_novel_accuracies` result per seed."""
     out = {}
     for group in ("base", "novel"):
-        rows = [r["accuracy"][group] for r in reports if group in r["accuracy"]]
+        rows = [a[group] for a in accuracies if group in a]
         if not rows:
             continue
         zs = sum(r["zero_shot"] for r in rows) / len(rows)

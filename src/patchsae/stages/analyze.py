@@ -1,17 +1,15 @@
-"""The `analyze` stage: latent statistics, label entropy, class/dataset/group counts, concept names and
-figures for a run's SAE, written to DIR/analysis/ and DIR/figures/.
+"""`patchsae analyze`: latent statistics, label entropy, class/dataset/group counts, concept names and figures for
+a run's SAE, written to DIR/analysis/ and DIR/figures/; with --image, the patch maps of one image.
 
   DIR/analysis/stats.safetensors  every per-latent tensor (see `LatentStats` plus entropy_S, majority_S,
                                   dataset_counts_S, name_index_SN / name_score_SN, group_counts_S)
   DIR/analysis/latents.csv        one row per latent
-  DIR/analysis/manifest.json      written last: dataset, split, images, skipped, SAE, model, layer, tau, k,
-                                  class names, naming vocabulary and agreement
+  DIR/analysis/manifest.json      written last: dataset, split, images, skipped, SAE (path and sha256 of its
+                                  weights), model, layer, tau, k, class names, naming vocabulary and agreement
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,75 +18,67 @@ import torch
 
 from patchsae import PatchSAEError
 from patchsae.analysis import concepts, figures, latents, patch_maps
+from patchsae.analysis.latents import LOW_ENTROPY
 from patchsae.data.base import SkipLog
-from patchsae.run import Run
-from patchsae.utils import atomic_path, read_json, write_json
+from patchsae.options import opt
+from patchsae.runs import Run
+from patchsae.runs.artefacts import open_run, open_run_dataset, read_analysis, sae_identity
+from patchsae.utils import atomic_path, csv_text, write_json
 
-LOW_ENTROPY = 0.5  # nats; below it a latent's reference images are (nearly) one class
+NAME = "analyze"
+HELP = ("per-latent statistics, reference images, class counts, concept names and figures (DIR/analysis, "
+        "DIR/figures); with --image: patch maps of one image")
+RUN_HELP = "run directory with a trained SAE"
 
 
 @dataclass(frozen=True)
 class AnalyzeOptions:
-    dataset: str | None = None  # default: the run's dataset
-    split: str | None = None  # default: the run's eval split
-    max_images: int | None = None
-    k: int = 10
-    tau: float = 0.2
-    groups: tuple[str, ...] = ()
-    phrases: str | None = None
-    n_grid: int = 12
-    batch_size: int = 64
-    steer: bool = False  # also name latents by steering at the hooked block, for comparison (k passes/latent)
+    dataset: str | None = opt(None, "dataset to analyse (default: the run's own); any --dataset spec")
+    split: str | None = opt(None, "split to analyse (default: the run's eval split)")
+    max_images: int | None = opt(None, "analyse only the first N images")
+    k: int = opt(10, "reference images kept per latent", flag="--top-k")
+    tau: float = opt(0.2, "token activation threshold for class counts")
+    groups: tuple[str, ...] = opt((), "classes whose counts are summed (group level)", flag="--group",
+                                  metavar="CLASS")
+    phrases: str | None = opt(None, "text file of extra candidate concept names, one per line")
+    n_grid: int = opt(12, "latents in the reference-image figure", cli=False)
+    batch_size: int = opt(64, "images per forward pass")
+    steer: bool = opt(False, "also name latents by steering at the hooked block and report that method's "
+                      "agreement (k extra forward passes per latent)")
 
 
-def open_run(run: Run):
-    """(cfg, model, sae, layer): the run's config, CLIP, SAE and resolved hooked block, refusing an SAE that was
-    not trained on this model's hooked block."""
-    from patchsae.models.load import load_model
-    from patchsae.sae.checkpoint import load_sae
-
-    cfg = run.load_config()
-    model = load_model(cfg.model, cfg.device)
-    layer = model.resolve_layer(cfg.layer)
-    sae, meta = load_sae(run.sae_dir, d_model=model.d_model)
-    recorded = [("the SAE's config", meta)]
-    cache_manifest = run.cache_dir(cfg.train_split) / "manifest.json"
-    if cache_manifest.exists():
-        recorded.append((f"its training cache {cache_manifest}", read_json(cache_manifest)))
-    for where, info in recorded:
-        if "layer" in info and info["layer"] != layer:
-            raise PatchSAEError(f"the SAE in {run.sae_dir} was trained on block {info['layer']} ({where}), "
-                                f"but the run's config hooks block {layer} of {model.name}")
-        if "model" in info and info["model"] != model.name:
-            raise PatchSAEError(f"the SAE in {run.sae_dir} was trained on {info['model']} ({where}), "
-                                f"but the run's config names {model.name}")
-    return cfg, model, sae, layer
+@dataclass(frozen=True)
+class PatchMapOptions:
+    image: str | None = opt(None, "patch-map mode: a dataset index or an image file")
+    latent: int | None = opt(None, "latent whose patch map is drawn (default: the top one)")
+    patch: tuple[int, int] | None = opt(None, "also rank latents of this patch", metavar=("ROW", "COL"))
 
 
-def open_run_dataset(cfg, dataset: str | None, split: str):
-    """`dataset` (a --dataset spec), or the run's own dataset read from its local copy if it has one."""
-    from patchsae.data import open_dataset
+OPTIONS = (AnalyzeOptions, PatchMapOptions)
 
-    return open_dataset(dataset or cfg.dataset, split, path=None if dataset else cfg.dataset_path)
+
+@dataclass(frozen=True)
+class AnalyzeReport:
+    manifest: dict  # DIR/analysis/manifest.json as written
+    table: list[dict]  # the low-entropy latents by frequency (the printout)
 
 
 def _csv_text(stats, entropy_S, majority_S, names, name_index_SN, name_score_SN, class_names) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
     top = name_index_SN.shape[1]
-    w.writerow(["latent", "frequency", "mean_activation", "fired_images", "label_entropy", "majority_label",
-                "dataset_count", "top_images", "top_values",
-                *[c for n in range(1, top + 1) for c in (f"name{n}", f"score{n}")]])
+    header = ["latent", "frequency", "mean_activation", "fired_images", "label_entropy", "majority_label",
+              "dataset_count", "top_images", "top_values",
+              *[c for n in range(1, top + 1) for c in (f"name{n}", f"score{n}")]]
+    rows = []
     columns = zip(stats.frequency_S.tolist(), stats.mean_act_S.tolist(), stats.fired_S.tolist(), entropy_S.tolist(),
                   majority_S.tolist(), latents.dataset_counts(stats.class_counts_CS).tolist(),
                   stats.top_index_SK.tolist(), stats.top_value_SK.tolist(), name_index_SN.tolist(),
                   name_score_SN.tolist())
     for l, (freq, mean, fired, ent, maj, count, refs, values, name_ids, scores) in enumerate(columns):
         keep = [n for n, i in enumerate(refs) if i >= 0]
-        w.writerow([l, f"{freq:.6g}", f"{mean:.6g}", int(fired), f"{ent:.4f}", class_names[maj] if maj >= 0 else "",
-                    int(count), " ".join(str(refs[n]) for n in keep), " ".join(f"{values[n]:.4g}" for n in keep),
-                    *[c for i, sc in zip(name_ids, scores) for c in ((names[i], f"{sc:.4f}") if i >= 0 else ("", ""))]])
-    return buf.getvalue()
+        rows.append([l, f"{freq:.6g}", f"{mean:.6g}", int(fired), f"{ent:.4f}", class_names[maj] if maj >= 0 else "",
+                     int(count), " ".join(str(refs[n]) for n in keep), " ".join(f"{values[n]:.4g}" for n in keep),
+                     *[c for i, sc in zip(name_ids, scores) for c in ((names[i], f"{sc:.4f}") if i >= 0 else ("", ""))]])
+    return csv_text(header, rows)
 
 
 def _reference_rows(model, sae, ds, layer, stats, entropy_S, ids, names_S) -> list[dict]:
@@ -111,7 +101,7 @@ def _reference_rows(model, sae, ds, layer, stats, entropy_S, ids, names_S) -> li
     return rows
 
 
-def stage_analyze(run: Run, opts: AnalyzeOptions = AnalyzeOptions(), progress: bool = True) -> dict:
+def run(run: Run, opts: AnalyzeOptions = AnalyzeOptions(), progress: bool = True) -> AnalyzeReport:
     t0 = time.time()
     cfg, model, sae, layer = open_run(run)
     ds = open_run_dataset(cfg, opts.dataset, opts.split or cfg.eval_split)
@@ -137,7 +127,7 @@ def stage_analyze(run: Run, opts: AnalyzeOptions = AnalyzeOptions(), progress: b
                        if opts.steer else None)
     t_names = time.time() - t0 - t_stats
 
-    out = run.path / "analysis"
+    out = run.analysis_dir
     tensors = {**stats.tensors(), "entropy_S": entropy_S, "majority_S": majority_S,
                "dataset_counts_S": latents.dataset_counts(stats.class_counts_CS),
                "name_index_SN": name_index_SN, "name_score_SN": name_score_SN}
@@ -173,7 +163,7 @@ def stage_analyze(run: Run, opts: AnalyzeOptions = AnalyzeOptions(), progress: b
     manifest = {
         "format": "patchsae-analysis/1", "dataset": ds.name, "split": ds.split, "n_images": stats.n_images,
         "max_images": opts.max_images, "n_skipped": skips.count, "skipped": [list(s) for s in skips.skipped[:20]],
-        "sae": str(run.sae_dir.resolve()), "model": model.name, "layer": layer, "d_sae": stats.d_sae,
+        "sae": str(run.sae_dir.resolve()), "sae_sha256": sae_identity(run), "model": model.name, "layer": layer, "d_sae": stats.d_sae,
         "tau": opts.tau, "k": opts.k, "class_names": list(ds.class_names), "entropy_unit": "nats",
         "low_entropy_threshold": LOW_ENTROPY, "n_low_entropy": n_low,
         "naming": {"method": "mean normalised embedding of the top reference images, cosine to the vocabulary",
@@ -186,10 +176,11 @@ def stage_analyze(run: Run, opts: AnalyzeOptions = AnalyzeOptions(), progress: b
     table = [{"latent": l, "name": names_S[l], "frequency": float(stats.frequency_S[l]),
               "mean_activation": float(stats.mean_act_S[l]), "entropy": float(entropy_S[l]),
               "majority": ds.class_names[int(majority_S[l])]} for l in low_by_freq[:20]]
-    return {**manifest, "table": table}
+    return AnalyzeReport(manifest, table)
 
 
-def format_report(report: dict) -> str:
+def format_report(r: AnalyzeReport) -> str:
+    report = {**r.manifest, "table": r.table}
     lines = [f"{'latent':>6}  {'name':<18} {'freq':>7} {'mean act':>9} {'entropy':>7}  majority label"]
     for r in report["table"]:
         lines.append(f"{r['latent']:>6}  {r['name'][:18]:<18} {r['frequency']:>7.4f} {r['mean_activation']:>9.4f} "
@@ -212,19 +203,6 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _saved_names(run: Run, d_sae: int) -> list[str] | None:
-    """Concept names from a previous `analyze`, if any match this SAE."""
-    from safetensors.torch import load_file
-
-    try:
-        manifest = read_json(run.path / "analysis" / "manifest.json")
-        idx_SN = load_file(str(run.path / "analysis" / "stats.safetensors"))["name_index_SN"]
-    except (OSError, ValueError, KeyError):
-        return None
-    vocab = manifest["naming"]["vocabulary"]
-    return [vocab[int(i)] if i >= 0 else "" for i in idx_SN[:, 0]] if len(idx_SN) == d_sae else None
-
-
 def patch_map_report(run: Run, image: str, latent: int | None = None, patch: tuple[int, int] | None = None,
                      dataset: str | None = None, split: str | None = None, n: int = 5) -> list[str]:
     """Top latents of one image (and of one patch); writes the patch map of `latent` (default: the top one)
@@ -233,7 +211,8 @@ def patch_map_report(run: Run, image: str, latent: int | None = None, patch: tup
     ds = open_run_dataset(cfg, dataset, split or cfg.eval_split) if image.isdigit() else None
     pixels, label, desc = patch_maps.load_image(image, ds, model)
     f_TS = patch_maps.image_activations(model, sae, pixels, layer)
-    names = _saved_names(run, sae.cfg.d_sae) or [""] * sae.cfg.d_sae
+    analysis = read_analysis(run, sae.cfg.d_sae)
+    names = analysis.names() if analysis is not None else [""] * sae.cfg.d_sae
     layout = model.layout()
     shown = f"{desc}" + (f" (label {ds.class_names[label]})" if ds is not None and label is not None else "")
     ids, vals = patch_maps.top_latents_of_image(f_TS, n)
@@ -252,3 +231,19 @@ def patch_map_report(run: Run, image: str, latent: int | None = None, patch: tup
                                       f"latent {latent} {names[latent]} on {shown}")
     lines.append(f"wrote {path}")
     return lines
+
+
+def cli(args) -> None:
+    from patchsae.cli import given
+
+    run_ = Run(args.run)
+    pm = PatchMapOptions(**given(args, PatchMapOptions))
+    opts = AnalyzeOptions(**given(args, AnalyzeOptions))
+    if pm.image is not None:
+        for line in patch_map_report(run_, pm.image, pm.latent, pm.patch, opts.dataset, opts.split):
+            print(line)
+        return
+    if pm.latent is not None or pm.patch is not None:
+        raise PatchSAEError("--latent and --patch need --image")
+    print(format_report(run(run_, opts)))
+    print(f"wrote {run_.analysis_dir} and {run_.figures_dir}")

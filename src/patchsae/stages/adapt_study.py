@@ -16,10 +16,15 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
-from patchsae.adapt import AdaptOptions, adapt_seeds, mean_accuracy
-from patchsae.analysis.compare import CompareOptions, compare_adapted
-from patchsae.utils import atomic_path, write_json
+from patchsae.options import opt
+from patchsae.runs import Run
+from patchsae.stages.adapt import TRAINING, AdaptOptions, adapt_seeds
+from patchsae.stages.compare import CompareOptions, compare_adapted
 
+NAME = "adapt-study"
+HELP = ("the adaptation study on the embedded model: Fashion-MNIST and digits base-to-novel, MaPLe + compare, the "
+        "paper's Table 1 layout")
+RUN_HELP = "run directory with an SAE trained on the embedded model"
 SCENARIOS = ("fashion-mnist", "digits")
 
 # The paper's Table 1 rows (MaPLe on ViT-B/16; DESIGN.md section 5), for the side-by-side table.
@@ -40,10 +45,20 @@ STUDY_COMPARE = CompareOptions(max_images=5000, max_rank_images=5000, max_eval_i
 
 @dataclass(frozen=True)
 class StudyOptions:
-    scenarios: tuple[str, ...] = SCENARIOS
-    seeds: tuple[int, ...] = (1, 2, 3)
-    adapt: AdaptOptions = STUDY_ADAPT  # model and dataset are filled in per scenario
-    compare: CompareOptions = STUDY_COMPARE
+    scenarios: tuple[str, ...] = opt(SCENARIOS, "scenarios to run", choices=SCENARIOS)
+    seeds: tuple[int, ...] = opt((1, 2, 3), "prompt seeds", flag="--seed")
+    adapt: AdaptOptions = opt(STUDY_ADAPT, "prompt training (model and dataset are filled in per scenario)",
+                              cli=False)
+    compare: CompareOptions = opt(STUDY_COMPARE, "the comparison of each scenario", cli=False)
+
+
+OPTIONS = (StudyOptions, (AdaptOptions, TRAINING))
+
+
+@dataclass(frozen=True)
+class StudyReport:
+    summary: dict  # DIR/adapt-study/summary.json as written
+    table: str  # DIR/adapt-study/table.md
 
 
 def _fmt(x: float | None) -> str:
@@ -69,8 +84,10 @@ def format_table(results: dict, with_paper: bool = True) -> str:
     return "\n".join(lines)
 
 
-def stage_adapt_study(run, opts: StudyOptions = StudyOptions(), progress: bool = True) -> dict:
-    from patchsae.analysis.analyze import open_run
+def run(run: Run, opts: StudyOptions = StudyOptions(), progress: bool = True) -> StudyReport:
+    from patchsae.adaptation.prompts import mean_accuracy
+    from patchsae.runs.artefacts import open_run
+    from patchsae.utils import atomic_path, write_json
 
     t0 = time.time()
     cfg, clip, sae, _ = open_run(run)  # opened once: every scenario's adapt and compare share CLIP and the SAE
@@ -80,18 +97,19 @@ def stage_adapt_study(run, opts: StudyOptions = StudyOptions(), progress: bool =
         if progress:
             print(f"== {scenario}: MaPLe, {len(opts.seeds)} seed(s)", file=sys.stderr)
         aopts = replace(opts.adapt, model=cfg.model, dataset=scenario)
-        reports = adapt_seeds(clip, aopts, list(opts.seeds), run.path / "adapt-study" / scenario / "prompts",
-                              progress)
+        reports = adapt_seeds(clip, aopts, list(opts.seeds), run.adapt_study_dir / scenario / "prompts", progress)
         if progress:
             print(f"== {scenario}: comparing concepts (prompts of seed {opts.seeds[0]})", file=sys.stderr)
-        comp = compare_adapted(run, cfg, clip, sae, reports[0]["out"],
+        comp = compare_adapted(run, cfg, clip, sae, reports[0].out,
                                replace(opts.compare, dataset=scenario, name=scenario), progress)
-        results[scenario] = {"accuracy": mean_accuracy(reports), "per_seed": [r["accuracy"] for r in reports],
-                             "groups": comp["groups"], "groups_with_prompt_tokens": comp["groups_with_prompt_tokens"],
-                             "correlation": comp["correlation"], "masking": comp["masking"],
-                             "compare": comp["out"], "depth": reports[0]["depth"]}
+        s = comp.summary
+        results[scenario] = {"accuracy": mean_accuracy([r.accuracy for r in reports]),
+                             "per_seed": [r.accuracy for r in reports], "groups": s["groups"],
+                             "groups_with_prompt_tokens": s["groups_with_prompt_tokens"],
+                             "correlation": s["correlation"], "masking": s["masking"], "compare": str(comp.out),
+                             "depth": reports[0].depth}
         seconds[scenario] = round(time.time() - t, 1)
-    out = run.path / "adapt-study"
+    out = run.adapt_study_dir
     table = format_table(results)
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text(table + "\n")
@@ -99,10 +117,11 @@ def stage_adapt_study(run, opts: StudyOptions = StudyOptions(), progress: bool =
                "options": {"seeds": list(opts.seeds), "adapt": asdict(opts.adapt), "compare": asdict(opts.compare)},
                "seconds": {**seconds, "total": round(time.time() - t0, 1)}}
     write_json(out / "summary.json", summary)
-    return {**summary, "table": table}
+    return StudyReport(summary, table)
 
 
-def format_study(s: dict) -> str:
+def format_study(r: StudyReport) -> str:
+    s = {**r.summary, "table": r.table}
     lines = [s["table"], "", "high / high→low / low→high: average latents per class (base / novel); CLIP and MaPLe "
              f"accuracies in %, MaPLe averaged over seeds {s['options']['seeds']}"]
     for name, r in s["results"].items():
@@ -113,3 +132,11 @@ def format_study(s: dict) -> str:
     return "\n".join(lines)
 
 
+def cli(args) -> None:
+    from patchsae.cli import given
+
+    base = StudyOptions()
+    opts = replace(base, **given(args, StudyOptions), adapt=replace(base.adapt, **given(args, AdaptOptions, TRAINING)))
+    report = run(Run(args.run), opts)
+    print(format_study(report))
+    print(f"wrote {Run(args.run).adapt_study_dir}")
