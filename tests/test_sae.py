@@ -383,7 +383,7 @@ def test_fused_relu_loss_gradients_equal_autograd_of_the_formula(with_dead):
 def test_sparse_relu_path_equals_dense_relu_path(monkeypatch, with_dead):
     """Training switches to the sparse ReLU path when few (token, latent) pairs fire; both paths must give the
     same loss, parts and gradients (float64)."""
-    from patchsae.sae import model as M
+    from patchsae.sae import relu as M  # the ReLU variant reads its sparse-path threshold there
 
     torch.manual_seed(4)
     sae = SAE(SAEConfig(d_model=8, d_sae=48, l1_coeff=0.05)).double()

@@ -4,7 +4,7 @@ atomic checkpoints from which a killed run resumes to the same final weights.
 
 Distributed (torchrun): every rank trains on its slice of each global batch; gradients are averaged with one
 all-reduce per parameter, weighted by each rank's token count, so the step equals the one-process step on the
-global batch, and the few batch statistics of the losses are reduced the same way (sae.model.BatchStats).
+global batch, and the few batch statistics of the losses are reduced the same way (sae.losses.BatchStats).
 Firing counts are all-reduced, so dead-latent bookkeeping, ghost grads / AuxK and the decoder renormalisation
 agree on every rank; ranks start from rank 0's weights and stay identical. Rank 0 alone writes checkpoints and
 logs, the others wait at a barrier, and any rank resumes from the same checkpoint.
@@ -26,7 +26,8 @@ import torch
 from patchsae import PatchSAEError
 from patchsae.dist import Dist
 from patchsae.sae.checkpoint import load_training_state, save_sae, save_training_state
-from patchsae.sae.model import SAE, BatchStats, SAEConfig
+from patchsae.sae.losses import BatchStats
+from patchsae.sae.model import SAE, SAEConfig
 from patchsae.utils import atomic_path
 
 
