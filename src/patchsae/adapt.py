@@ -123,7 +123,7 @@ def train_prompts(model: MapleModel, pixels_NCHW: torch.Tensor, labels_N: torch.
     N = len(labels_N)
     per_epoch = math.ceil(N / opts.batch_size)
     total = per_epoch * opts.epochs
-    scale = model.hf.logit_scale.exp().clamp(max=100.0).item()
+    scale = min(model.logit_scale, 100.0)
     model.prompts.train()
     log, step = [], 0
     for epoch in range(opts.epochs):
@@ -231,7 +231,7 @@ def adapt(clip: ClipModel, opts: AdaptOptions, out: str | Path, progress: bool =
     shots = few_shot_indices(dataset_labels(ds_train), base, opts.shots, opts.seed)
     pixels, labels = few_shot_pixels(clip, ds_train, shots, base)
     maple = build_maple(clip, MapleConfig(opts.n_ctx, opts.depth, opts.ctx_init), seed=opts.seed)
-    frozen_before = sum(float(p.double().sum()) for p in clip.hf.parameters())
+    frozen_before = clip.frozen_fingerprint()
     if progress:
         print(f"MaPLe on {clip.name}: {maple.prompts.n_ctx} context tokens, depth {maple.depth}, "
               f"{sum(p.numel() for p in maple.prompts.parameters()):,} parameters; {len(shots)} training images "
@@ -239,7 +239,7 @@ def adapt(clip: ClipModel, opts: AdaptOptions, out: str | Path, progress: bool =
     t_train = time.time()
     log = train_prompts(maple, pixels, labels, [names[c] for c in base], opts, progress)
     t_train = time.time() - t_train
-    if sum(float(p.double().sum()) for p in clip.hf.parameters()) != frozen_before:
+    if clip.frozen_fingerprint() != frozen_before:
         raise PatchSAEError("internal error: CLIP weights changed during prompt training")
     acc = base_novel_accuracies(clip, maple, ds_eval, base, novel, opts.max_eval_images, opts.eval_batch_size,
                                 progress, zero_shot)

@@ -27,15 +27,13 @@ the CLS query only (checked against the model's own `finish_from` on the first b
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +42,7 @@ from patchsae import PatchSAEError
 from patchsae.analysis.latents import image_rows
 from patchsae.data.base import LabelledImages, SkipLog, iter_batches
 from patchsae.models.clip import ClipModel
+from patchsae.models.text_head import cached_text_head
 from patchsae.sae.model import SAE
 from patchsae.utils import atomic_path, read_json, write_json
 
@@ -162,72 +161,6 @@ def spliced(model: ClipModel, sae: SAE, layer: int, keep_S: torch.Tensor | None 
 
     with model.replace_block_output(layer, fn):
         yield
-
-
-# ---- the rest of the forward pass --------------------------------------------------------------------------
-
-def _cls_only_last_block(block, h_BTD: torch.Tensor) -> torch.Tensor:
-    """A CLIP encoder layer evaluated for the CLS query only (keys/values from all tokens): (B, 1, D)."""
-    attn = block.self_attn
-    x_BTD = block.layer_norm1(h_BTD)
-    B, T, D = x_BTD.shape
-    H, hd = attn.num_heads, attn.head_dim
-    q_BH1d = attn.q_proj(x_BTD[:, :1]).view(B, 1, H, hd).transpose(1, 2)
-    k_BHTd = attn.k_proj(x_BTD).view(B, T, H, hd).transpose(1, 2)
-    v_BHTd = attn.v_proj(x_BTD).view(B, T, H, hd).transpose(1, 2)
-    w_BH1T = torch.softmax((q_BH1d @ k_BHTd.transpose(-1, -2)) * attn.scale, dim=-1)
-    o_B1D = (w_BH1T @ v_BHTd).transpose(1, 2).reshape(B, 1, D)
-    r_B1D = h_BTD[:, :1] + attn.out_proj(o_B1D)
-    return r_B1D + block.mlp(block.layer_norm2(r_B1D))
-
-
-def make_finisher(model: ClipModel, layer: int, sample_h_BTD: torch.Tensor) -> tuple[Callable, bool]:
-    """(h_BTD -> image features, fast?): the model's `finish_from`, or the same computation with the last block
-    run for the CLS query only, used only if it matches `finish_from` on `sample_h_BTD`."""
-    from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoderLayer
-
-    slow = lambda h: model.finish_from(h, layer)  # noqa: E731
-    start = model.resolve_layer(layer) + 1
-    blocks = list(model.blocks[start:])
-    if (not blocks or type(blocks[-1]) is not CLIPEncoderLayer or type(blocks[-1].self_attn) is not CLIPAttention
-            or not model.plain_blocks_from(start)):
-        return slow, False
-
-    @torch.no_grad()
-    def fast(h_BTD: torch.Tensor) -> torch.Tensor:
-        h_BTD = h_BTD.to(model.device)
-        for block in blocks[:-1]:
-            h_BTD = block(h_BTD, None)
-        cls_BD = _cls_only_last_block(blocks[-1], h_BTD)[:, 0]
-        return model.hf.visual_projection(model.vision.post_layernorm(cls_BD))
-
-    want, got = slow(sample_h_BTD), fast(sample_h_BTD)
-    if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max().clamp_min(1e-6))):
-        return slow, False
-    return fast, True
-
-
-# ---- text head ---------------------------------------------------------------------------------------------
-
-def cached_text_head(model: ClipModel, class_names: Sequence[str], path: str | Path) -> torch.Tensor:
-    """The zero-shot head (classes, E), stored at `path` keyed by model + class names + templates, so a rerun
-    (or a rerun with another split) skips the text tower; any change of those three recomputes it."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    key = hashlib.sha256(json.dumps([model.name, list(class_names), list(model.templates)]).encode()).hexdigest()
-    if path.exists():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("key") == key:
-                    return f.get_tensor("head_CE").to(model.device)
-        except Exception:  # noqa: BLE001 - an unreadable cache is recomputed, never trusted
-            pass
-    head_CE = model.text_head(class_names)
-    with atomic_path(path) as tmp:
-        save_file({"head_CE": head_CE.contiguous().cpu()}, str(tmp), metadata={"key": key, "model": model.name})
-    return head_CE
 
 
 # ---- class-level counts on the rank split -----------------------------------------------------------------
@@ -379,7 +312,7 @@ def run_grid(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, head_CE
                                           "classify" if progress else None):
         h_BTD = model.block_output(pixels, layer)
         if finish is None:
-            finish, fast = make_finisher(model, layer, h_BTD[:8])
+            finish, fast = model.finisher(layer, h_BTD[:8])
         labels = labels.to(model.device)
         tally.total_C += torch.bincount(labels.cpu(), minlength=C)
         n_img += len(labels)

@@ -128,7 +128,7 @@ class Explorer:
     def __init__(self, run: Run, adapt: Callable[[ClipModel], ClipModel] | None = None, max_images: int = 64,
                  max_bytes: int = 1 << 30):
         """`adapt` turns the run's CLIP into an adapted model (e.g. MaPLe prompts) that the same SAE reads."""
-        from patchsae.analysis.masking import cached_text_head
+        from patchsae.models.text_head import cached_text_head
 
         self.run = run
         cfg, model, sae, self.layer = open_run(run)
@@ -273,7 +273,7 @@ class Explorer:
     def predictions(self, emb_BE: torch.Tensor, key: str, n: int = 5) -> list[dict]:
         """Top-n zero-shot classes with softmax probabilities at the model's own logit scale."""
         model = self.models[key]
-        scale = float(model.hf.logit_scale.exp())
+        scale = model.logit_scale
         probs = torch.softmax(scale * model.logits(emb_BE, self.heads[key])[0].float(), -1)
         vals, ids = probs.topk(min(n, len(self.class_names)))
         return [{"class": self.class_names[int(i)], "index": int(i), "prob": round(float(v), 5)}
