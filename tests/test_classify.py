@@ -16,6 +16,7 @@ from patchsae.utils import read_json
 from patchsae.data.base import FirstN, iter_batches
 from patchsae.data.fashion_mnist import FashionMNIST
 from patchsae.models.load import load_model
+from patchsae.models.text_head import cached_text_head
 from patchsae.runs import Run
 from patchsae.sae.model import SAE, SAEConfig
 
@@ -125,7 +126,7 @@ def test_fast_last_block_equals_finish_from(tiny):
     pixels, _, _ = next(iter_batches(FirstN(FashionMNIST("test"), 5), tiny.preprocess, 5))
     for layer in (0, 1):  # two blocks left, one block left
         h_BTD = tiny.block_output(pixels, layer)
-        finish, fast = masking.make_finisher(tiny, layer, h_BTD[:2])
+        finish, fast = tiny.finisher(layer, h_BTD[:2])
         assert fast
         torch.testing.assert_close(finish(h_BTD * 0.7), tiny.finish_from(h_BTD * 0.7, layer), rtol=1e-5, atol=1e-5)
 
@@ -157,12 +158,12 @@ def test_grid_baselines_and_error_term(tiny):
 
 def test_text_head_is_cached_by_model_classes_and_templates(tiny, tmp_path, monkeypatch):
     path = tmp_path / "classify" / "text_head.safetensors"
-    head = masking.cached_text_head(tiny, ["a", "b"], path)
+    head = cached_text_head(tiny, ["a", "b"], path)
     calls = []
     monkeypatch.setattr(tiny, "text_head", lambda names: calls.append(names) or torch.zeros(len(names), 16))
-    torch.testing.assert_close(masking.cached_text_head(tiny, ["a", "b"], path), head)
+    torch.testing.assert_close(cached_text_head(tiny, ["a", "b"], path), head)
     assert calls == []
-    assert masking.cached_text_head(tiny, ["a", "c"], path).abs().sum() == 0 and calls == [["a", "c"]]
+    assert cached_text_head(tiny, ["a", "c"], path).abs().sum() == 0 and calls == [["a", "c"]]
 
 
 # ---- the command line ----------------------------------------------------------------------------------------

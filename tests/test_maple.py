@@ -124,7 +124,6 @@ def test_existing_analysis_runs_on_the_adapted_model(clip):
     tokens (CLS + patches), never the visual prompt rows."""
     from patchsae.analysis.latents import collect_stats
     from patchsae.analysis.codes import spliced
-    from patchsae.analysis.masking import make_finisher
     from patchsae.analysis.patch_maps import image_activations, patch_grid
     from patchsae.data.base import iter_batches
     from patchsae.sae.model import SAE, SAEConfig
@@ -162,8 +161,8 @@ def test_existing_analysis_runs_on_the_adapted_model(clip):
         torch.testing.assert_close(maple.image_features(x), want, rtol=1e-5, atol=1e-6)
     # depth 2 prompts blocks 0 and 1 only; after the hooked block 1 the tower is plain CLIP, so the masking grid
     # may run its last block for the CLS query only
-    finish, fast = make_finisher(maple, -2, h)
-    assert fast and maple.plain_blocks_from(2) and not maple.plain_blocks_from(1)
+    finish, fast = maple.finisher(-2, h)
+    assert fast and maple.plain_blocks_start() == 2 and maple.fast_finisher(-3) is None
     torch.testing.assert_close(finish(h), maple.finish_from(h, -2), rtol=1e-4, atol=1e-5)
 
 

@@ -1,17 +1,22 @@
-"""The CLIP interface: hook equivalence with Hugging Face's own forward, splicing, preprocessing, text head,
-tokenizer, loading errors and prompt templates."""
+"""The CLIP interface (the backbone interface as CLIP implements it): hook equivalence with Hugging Face's own
+forward, splicing, preprocessing, text head, tokenizer, loading errors, prompt templates, the checked fast
+finisher and the frozen-weights fingerprint."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from conftest import make_clip
 from patchsae import PatchSAEError
-from patchsae.models.clip import Preprocess
+from patchsae.models.backbone import Backbone
+from patchsae.models.clip import ClipModel, Preprocess
 from patchsae.models.load import load_model
 from patchsae.models.templates import IMAGENET_TEMPLATES
 from patchsae.models.tokenizer import build_byte_tokenizer
@@ -345,3 +350,70 @@ def test_imagenet_templates():
     # a few of CLIP's well-known prompts
     for known in ("a photo of a {}.", "a bad photo of a {}.", "itap of a {}.", "a origami {}."):
         assert known in IMAGENET_TEMPLATES
+
+
+# ---- the backbone interface: logit scale, checked fast finisher, frozen-weights fingerprint ----------------
+def test_clip_is_a_backbone_with_text_and_its_own_logit_scale(tiny):
+    assert isinstance(tiny, Backbone) and tiny.has_text
+    assert tiny.logit_scale == pytest.approx(float(torch.exp(tiny.hf.logit_scale)))
+    assert tiny.frozen_parameters() == list(tiny.hf.parameters())
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_finisher_is_fast_and_equals_finish_from(tiny, pixels, layer):
+    h_BTD = tiny.block_output(pixels, layer)
+    finish, fast = tiny.finisher(layer, h_BTD[:1])
+    assert fast
+    torch.testing.assert_close(finish(h_BTD * 1.3), tiny.finish_from(h_BTD * 1.3, layer), rtol=1e-5, atol=1e-5)
+
+
+def test_finisher_falls_back_when_the_fast_path_disagrees(tiny, pixels, monkeypatch):
+    h_BTD = tiny.block_output(pixels, 0)
+    monkeypatch.setattr(tiny, "fast_finisher", lambda layer: lambda h: tiny.finish_from(h, layer) + 1e-2)
+    finish, fast = tiny.finisher(0, h_BTD)
+    assert not fast
+    torch.testing.assert_close(finish(h_BTD), tiny.finish_from(h_BTD, 0), rtol=0, atol=0)
+
+
+class _Injecting(ClipModel):
+    """Adds a constant to every token before block 1 and says so through `plain_blocks_start`."""
+
+    def _finish(self, h_BTD, start):
+        for i in range(start, self.n_layers):
+            h_BTD = self.blocks[i](h_BTD + (0.5 if i == 1 else 0.0), None)
+        return self._head(h_BTD[:, 0])
+
+    def plain_blocks_start(self):
+        return 2
+
+
+def test_no_fast_finisher_over_blocks_that_are_not_plain(tiny, pixels):
+    model = _Injecting(tiny.hf, tiny.tokenizer, tiny.preprocess, "injecting", tiny.templates)
+    assert model.fast_finisher(0) is None  # block 1 has an injection before it
+    assert model.fast_finisher(1) is not None
+    h_BTD = model.block_output(pixels, 0)
+    finish, fast = model.finisher(0, h_BTD)
+    assert not fast
+    torch.testing.assert_close(finish(h_BTD), model.finish_from(h_BTD, 0), rtol=0, atol=0)
+
+
+def test_no_fast_finisher_for_a_block_type_it_does_not_know(tiny_clip_dir):
+    class Layer(CLIPEncoderLayer):
+        pass
+
+    model = load_model(str(tiny_clip_dir))
+    model.blocks[-1].__class__ = Layer
+    assert model.fast_finisher(0) is None and model.fast_finisher(-2) is None
+
+
+def test_frozen_fingerprint_sees_any_weight_change_a_sum_would_miss(tiny_clip_dir, pixels):
+    model = load_model(str(tiny_clip_dir))
+    before = model.frozen_fingerprint()
+    model.image_features(pixels), model.text_head(["a", "b"])
+    assert model.frozen_fingerprint() == before
+    w = model.blocks[0].mlp.fc1.weight
+    with torch.no_grad():
+        w[[0, 1]] = w[[1, 0]].clone()  # the sum of every weight is unchanged
+    assert model.frozen_fingerprint() != before
+    other = ClipModel(copy.deepcopy(model.hf), model.tokenizer, model.preprocess, "copy", model.templates)
+    assert other.frozen_fingerprint() == model.frozen_fingerprint()

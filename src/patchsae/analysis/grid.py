@@ -31,7 +31,6 @@ from patchsae.analysis.rankings import (SELECTIONS, image_positions, k_values, k
                                         rank_positions)
 from patchsae.data.base import LabelledImages, SkipLog, iter_batches
 from patchsae.models.clip import ClipModel
-from patchsae.models.finish import make_finisher
 from patchsae.sae.model import SAE
 from patchsae.utils import csv_text
 
@@ -108,7 +107,7 @@ def run_grid(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, head_CE
                                           "classify" if progress else None):
         h_BTD = model.block_output(pixels, layer)
         if finish is None:
-            finish, fast = make_finisher(model, layer, h_BTD[:8])
+            finish, fast = model.finisher(layer, h_BTD[:8])
         labels = labels.to(model.device)
         tally.total_C += torch.bincount(labels.cpu(), minlength=C)
         n_img += len(labels)

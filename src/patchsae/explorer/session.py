@@ -251,7 +251,7 @@ class Explorer:
     def predictions(self, emb_BE: torch.Tensor, key: str, n: int = 5) -> list[dict]:
         """Top-n zero-shot classes with softmax probabilities at the model's own logit scale."""
         model = self.models[key]
-        scale = float(model.hf.logit_scale.exp())
+        scale = model.logit_scale
         probs = torch.softmax(scale * model.logits(emb_BE, self.heads[key])[0].float(), -1)
         vals, ids = probs.topk(min(n, len(self.class_names)))
         return [{"class": self.class_names[int(i)], "index": int(i), "prob": round(float(v), 5)}

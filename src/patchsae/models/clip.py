@@ -12,41 +12,13 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from patchsae import PatchSAEError
+from patchsae.models.backbone import Backbone, Finisher, TokenLayout
+from patchsae.models.finish import cls_only_finisher
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Which row of a block's output is which token: CLS first, then an optional run of visual prompt tokens
-    (MaPLe adds them), then the patch grid in row-major order."""
-
-    n_cls: int
-    n_prompt: int
-    grid: tuple[int, int]
-
-    @property
-    def n_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def n_tokens(self) -> int:
-        return self.n_cls + self.n_prompt + self.n_patches
-
-    def kinds(self) -> list[str]:
-        return ["cls"] * self.n_cls + ["prompt"] * self.n_prompt + ["patch"] * self.n_patches
-
-    def image_token_mask(self) -> torch.Tensor:
-        """True for CLS and patch tokens: the tokens an SAE trained on the frozen model sees."""
-        return torch.tensor([k != "prompt" for k in self.kinds()])
-
-    def to_json(self) -> dict:
-        return {"n_cls": self.n_cls, "n_prompt": self.n_prompt, "grid": list(self.grid), "kinds": self.kinds()}
 
 
 @dataclass(frozen=True)
@@ -77,12 +49,10 @@ class Preprocess:
         return torch.stack([self.image(im) for im in images])
 
 
-class ClipModel:
-    """A CLIP vision-language model with block-level access to the vision tower's residual stream.
-
-    `layer` arguments are block indices, negative ones counting from the end (-2 = the paper's block 11 of 12);
-    the residual stream "after block L" equals HF's `hidden_states[L + 1]`.
-    """
+class ClipModel(Backbone):
+    """A CLIP vision-language model (HF `CLIPModel`) as a `Backbone`: CLS + patch tokens, text tower, zero-shot
+    head at CLIP's learnt logit scale. The residual stream "after block L" equals HF's `hidden_states[L + 1]`.
+    `hf`, `vision` and `blocks` are for models/ (and tests) only."""
 
     def __init__(self, hf_model, tokenizer, preprocess: Preprocess, name: str, templates: Sequence[str]):
         self.hf = hf_model.eval()
@@ -119,15 +89,6 @@ class ClipModel:
         side = cfg.image_size // cfg.patch_size
         return TokenLayout(n_cls=1, n_prompt=0, grid=(side, side))
 
-    def resolve_layer(self, layer: int) -> int:
-        """Map a possibly negative block index to 0..n_layers-1, or fail with one clear message."""
-        if not -self.n_layers <= layer < self.n_layers:
-            raise PatchSAEError(
-                f"layer {layer} does not exist: {self.name} has {self.n_layers} blocks "
-                f"(valid: {-self.n_layers}..{self.n_layers - 1})"
-            )
-        return layer % self.n_layers
-
     # ---- vision ---------------------------------------------------------------------------------------
     def _embed(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
         h_BTD = self.vision.embeddings(pixels_BCHW.to(self.device))
@@ -144,21 +105,25 @@ class ClipModel:
             h_BTD = block(h_BTD, None)
         return h_BTD
 
+    def _head(self, cls_BD: torch.Tensor) -> torch.Tensor:
+        """Final CLS row -> image features: post-layernorm, then the visual projection."""
+        return self.hf.visual_projection(self.vision.post_layernorm(cls_BD))
+
     def _finish(self, h_BTD: torch.Tensor, start: int) -> torch.Tensor:
         for block in self.blocks[start:]:
             h_BTD = block(h_BTD, None)
-        pooled_BD = self.vision.post_layernorm(h_BTD[:, 0])
-        return self.hf.visual_projection(pooled_BD)
+        return self._head(h_BTD[:, 0])
 
     @torch.no_grad()
     def image_features(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
         """Unnormalised image embeddings (batch, projection_dim)."""
         return self._finish(self._embed(pixels_BCHW), 0)
 
-    def plain_blocks_from(self, start: int) -> bool:
-        """Whether blocks start.. run as plain CLIP blocks, with nothing added between them (adapted models that
-        inject tokens into early blocks override this), so a caller may run them itself."""
-        return type(self)._finish is ClipModel._finish and type(self).finish_from is ClipModel.finish_from
+    def fast_finisher(self, layer: int) -> Finisher | None:
+        start = self.resolve_layer(layer) + 1
+        if start < self.plain_blocks_start():
+            return None
+        return cls_only_finisher(self.blocks[start:], self._head, self.device)
 
     @torch.no_grad()
     def finish_from(self, h_BTD: torch.Tensor, layer: int) -> torch.Tensor:
@@ -179,6 +144,18 @@ class ClipModel:
         finally:
             handle.remove()
 
+    # ---- zero-shot head, frozen weights ---------------------------------------------------------------------
+    @property
+    def has_text(self) -> bool:
+        return True
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.hf.logit_scale.exp())
+
+    def frozen_parameters(self) -> list[torch.Tensor]:
+        return list(self.hf.parameters())
+
     # ---- text ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def text_features(self, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
@@ -193,17 +170,3 @@ class ClipModel:
             )
             outs.append(out.pooler_output if hasattr(out, "pooler_output") else out)
         return torch.cat(outs)
-
-    @torch.no_grad()
-    def text_head(self, class_names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
-        """Zero-shot classifier (classes, projection_dim): per class, the normalised mean of the normalised
-        embeddings of its prompts (CLIP's prompt ensembling)."""
-        templates = tuple(templates or self.templates)
-        prompts = [t.format(c) for c in class_names for t in templates]
-        emb_PE = F.normalize(self.text_features(prompts), dim=-1)
-        emb_CTE = emb_PE.view(len(class_names), len(templates), -1)
-        return F.normalize(emb_CTE.mean(1), dim=-1)
-
-    @torch.no_grad()
-    def logits(self, image_features_BE: torch.Tensor, head_CE: torch.Tensor) -> torch.Tensor:
-        return F.normalize(image_features_BE, dim=-1) @ head_CE.to(image_features_BE.device).T

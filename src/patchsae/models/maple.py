@@ -138,11 +138,10 @@ class MapleModel(ClipModel):
         return self._run_blocks(self._embed(pixels_BCHW), 0, self.resolve_layer(layer) + 1)
 
     def _finish(self, h_BTD: torch.Tensor, start: int) -> torch.Tensor:
-        h_BTD = self._run_blocks(h_BTD, start, self.n_layers)
-        return self.hf.visual_projection(self.vision.post_layernorm(h_BTD[:, 0]))
+        return self._head(self._run_blocks(h_BTD, start, self.n_layers)[:, 0])
 
-    def plain_blocks_from(self, start: int) -> bool:
-        return start >= self.depth  # no prompt is injected from there on
+    def plain_blocks_start(self) -> int:
+        return self.depth  # compound prompts are injected before blocks 1..depth-1, none from block depth on
 
     def image_features_grad(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
         """Image embeddings with gradients flowing to the prompts (training)."""

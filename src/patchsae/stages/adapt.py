@@ -105,7 +105,7 @@ def adapt(clip, opts: AdaptOptions, out: str | Path, progress: bool = True, zero
     shots = few_shot_indices(dataset_labels(ds_train), base, opts.shots, opts.seed)
     pixels, labels = few_shot_pixels(clip, ds_train, shots, base)
     maple = build_maple(clip, MapleConfig(opts.n_ctx, opts.depth, opts.ctx_init), seed=opts.seed)
-    frozen_before = clip.weights_fingerprint()
+    frozen_before = clip.frozen_fingerprint()
     if progress:
         print(f"MaPLe on {clip.name}: {maple.prompts.n_ctx} context tokens, depth {maple.depth}, "
               f"{sum(p.numel() for p in maple.prompts.parameters()):,} parameters; {len(shots)} training images "
@@ -113,7 +113,7 @@ def adapt(clip, opts: AdaptOptions, out: str | Path, progress: bool = True, zero
     t_train = time.time()
     log = train_prompts(maple, pixels, labels, [names[c] for c in base], opts.recipe(), progress)
     t_train = time.time() - t_train
-    if clip.weights_fingerprint() != frozen_before:
+    if clip.frozen_fingerprint() != frozen_before:
         raise PatchSAEError("internal error: CLIP weights changed during prompt training")
     acc = base_novel_accuracies(clip, maple, ds_eval, base, novel, opts.max_eval_images, opts.eval_batch_size,
                                 progress, zero_shot)
