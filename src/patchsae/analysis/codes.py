@@ -49,9 +49,7 @@ class SparseCodes:
         """SAE decoding of the kept entries in raw activation space (B, T, d_model); None keeps all."""
         v_BTK = self.value_BTK if keep_BTK is None else self.value_BTK * keep_BTK
         B, T, K = v_BTK.shape
-        x_ND = F.embedding_bag(self.id_BTK.reshape(B * T, K), self.sae.W_dec, per_sample_weights=v_BTK.reshape(B * T, K),
-                               mode="sum")
-        return ((x_ND + self.sae.b_dec) / self.sae.input_scale).view(B, T, -1)
+        return self.sae.decode_sparse(v_BTK.reshape(B * T, K), self.id_BTK.reshape(B * T, K)).view(B, T, -1)
 
 
 @contextmanager

@@ -95,7 +95,7 @@ def concept_directions(model: ClipModel, sae: SAE, ds: LabelledImages, layer: in
     the mean normalised embedding of its reference images. Latents with no reference images get zero rows."""
     sae = sae.to(model.device).eval()
     rows_T = model.layout().image_token_mask().to(model.device)
-    dir_SD = (sae.W_dec / sae.input_scale).detach()
+    dir_SD = sae.raw_decoder_rows().detach()
     alpha_S = stats.patch_value_SK[:, 0].to(model.device)
     S = stats.d_sae
     steer_SE = mean_SE = None

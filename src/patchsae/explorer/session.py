@@ -377,7 +377,7 @@ class Explorer:
                 raise PatchSAEError(f"patches must be a non-empty list of [row, col] inside the {rows}x{cols} grid")
             first = layout.n_cls + layout.n_prompt
             tokens = torch.tensor(sorted({first + r * cols + c for r, c in patches}))
-        d_D = (self.sae.W_dec[l] / self.sae.input_scale).detach()
+        d_D = self.sae.raw_decoder_rows(l).detach()
         tokens = tokens.to(model.device)
 
         def fn(h_BTD: torch.Tensor) -> torch.Tensor:
