@@ -524,6 +524,15 @@ def test_browser_upload_click_patch_select_latent_steer(browser, server, ex, tmp
     page.wait_for_selector("body[data-ready='1']")
     page.wait_for_selector("#latent-list .item")
 
+    # the first load, without any click, shows dataset image 0 with its top latents and predictions
+    assert "[0]" in page.inner_text("#image-desc") and "ds-0" in page.inner_text("#image-desc")
+    img0, _ = ex.ds.load(0)
+    assert int(page.get_attribute("#image-latents .bar >> nth=0", "data-latent")) == int(
+        codes(ex, img0).mean(0).argmax())
+    assert page.locator("#predictions tr").count() == 5
+    page.wait_for_function("document.querySelector('#main-img').src.includes('/api/images/ds-0/image.png')")
+    assert all_images_loaded(page) and page.evaluate("document.querySelector('#main-img').naturalWidth") > 0
+
     page.set_input_files("#file", str(tmp_path / "x.png"))
     page.wait_for_selector("#image-latents .bar")
     first = int(page.get_attribute("#image-latents .bar >> nth=0", "data-latent"))

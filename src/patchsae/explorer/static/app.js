@@ -143,7 +143,7 @@ async function upload(file) {
 }
 
 async function loadDataset(index) {
-  try { showAnalysis(await api(`/api/analyze/dataset/${index}`, { method: "POST" })); } catch (e) { /* shown */ }
+  try { await showAnalysis(await api(`/api/analyze/dataset/${index}`, { method: "POST" })); } catch (e) { /* shown */ }
 }
 
 // ---- latents --------------------------------------------------------------------------------------------
@@ -266,6 +266,9 @@ async function init() {
   $("#class-select").addEventListener("change", (ev) => showClass(ev.target.value));
   search("");
   showClass(0);
+  // a first visit shows something: dataset image 0, analysed as if picked (before `ready`, so a later pick
+  // or upload cannot be overwritten by this one); without the run's dataset the page waits for an upload
+  if (info.dataset.size > 0) await loadDataset(Number($("#ds-index").value) || 0);
   document.body.dataset.ready = "1";
 }
 
