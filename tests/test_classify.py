@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from patchsae import PatchSAEError, cli
-from patchsae.analysis import codes, counts, grid, rankings
+from patchsae.analysis import counts, grid, rankings
+from patchsae.analysis.codes import SparseCodes, spliced
 from patchsae.stages.classify import ClassifyOptions
 from patchsae.utils import read_json
 from patchsae.data.base import FirstN, iter_batches
@@ -67,7 +68,7 @@ def test_class_masks_keep_exactly_the_ranked_latents_of_each_images_class():
     counts_CS = torch.tensor([[0, 0, 9, 8, 0, 1],  # class 0 ranks latents 2, 3, 5, ...
                               [7, 0, 0, 0, 9, 0]])  # class 1 ranks latents 4, 0, ...
     pos_BS = rankings.image_positions(rankings.rank_positions(counts_CS), labels_B)
-    codes = codes.SparseCodes(sae, x_BTD)
+    codes = SparseCodes(sae, x_BTD)
     for k, mode, kept in [(1, "on", [{2}, {4}]), (2, "on", [{2, 3}, {4, 0}]), (3, "on", [{2, 3, 5}, {4, 0, 1}]),
                           (2, "off", [{0, 1, 4, 5}, {1, 2, 3, 5}]), (6, "on", [set(range(6))] * 2),
                           (6, "off", [set(), set()])]:
@@ -84,13 +85,13 @@ def test_class_masks_keep_exactly_the_ranked_latents_of_each_images_class():
 
 
 def test_sparse_decoding_matches_dense_masks_on_a_random_sae(monkeypatch):
-    monkeypatch.setattr(masking, "ENCODE_ELEMENTS", 3 * 5 * 64)  # encode in chunks of 3 images
+    monkeypatch.setattr("patchsae.analysis.codes.ENCODE_ELEMENTS", 3 * 5 * 64)  # encode in chunks of 3 images
     sae = _random_sae()
     with torch.no_grad():
         sae.b_enc.uniform_(-0.5, 0.2)
     x_BTD = torch.randn(7, 5, 32)
     labels_B = torch.tensor([0, 1, 2, 0, 1, 2, 0])
-    codes = codes.SparseCodes(sae, x_BTD)
+    codes = SparseCodes(sae, x_BTD)
     assert codes.id_BTK.shape[-1] < 64
     torch.testing.assert_close(codes.decode(), sae.decode(sae.encode(x_BTD)), rtol=1e-5, atol=1e-5)
     pos_BS = rankings.image_positions(rankings.rank_positions(torch.randint(0, 50, (3, 64))), labels_B)
@@ -111,7 +112,7 @@ def test_splice_hook_changes_only_the_hooked_block_and_is_removed(tiny):
     h_BTD = model.block_output(pixels, 1)
     keep_S = torch.zeros(64)
     keep_S[:20] = 1
-    with codes.spliced(model, sae, 1, keep_S):
+    with spliced(model, sae, 1, keep_S):
         torch.testing.assert_close(model.block_output(pixels, 0), below)  # blocks below: untouched
         inside = model.image_features(pixels)
         hooked = model.block_output(pixels, 1)
