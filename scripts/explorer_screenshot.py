@@ -1,6 +1,6 @@
-"""Take the README's screenshot of the explorer: serve a run on a free local port, drive the page in headless
-Debian chromium (load a dataset image, click a patch, select its top latent, show the heatmap, steer the latent
-off) and save a PNG quantised to 256 colours.
+"""Take the explorer's screenshot (README.md, docs/explorer.md): serve a run on a free local port, drive the page
+in headless Debian chromium (load a dataset image, click a patch, select its top latent, show the heatmap, steer
+the latent off) and save a PNG quantised to 256 colours.
 
     .venv/bin/python scripts/explorer_screenshot.py --run runs/quickstart --out docs/explorer.png
 """

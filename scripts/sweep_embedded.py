@@ -1,4 +1,4 @@
-"""Sweep SAE settings on the embedded model to choose the quickstart defaults (recorded in the README).
+"""Sweep SAE settings on the embedded model to choose the quickstart defaults (recorded in docs/method.md).
 
     .venv/bin/python scripts/sweep_embedded.py --run runs/sweep --l1 1e-3 3e-3 1e-2 --epochs 0.5
 

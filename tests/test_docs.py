@@ -46,3 +46,24 @@ def test_anchor_rule():
     page = ROOT / "docs" / "formats.md"
     assert "top-k-masking-dirclassify-written-by-classify" in anchors(page)
     assert "comparison-dircomparename-written-by-compare" in anchors(page)
+
+
+STAGES = ["cache", "train", "evaluate", "quickstart", "analyze", "classify", "serve", "report", "adapt", "compare",
+          "adapt-study", "models", "datasets"]
+
+
+def test_every_stage_option_is_in_the_stages_page(capsys):
+    """docs/stages.md lists each stage's options; rerun scripts/docs_options.py when an option is added."""
+    from patchsae import cli
+
+    page = (ROOT / "docs" / "stages.md").read_text()
+    missing = []
+    for stage in STAGES:
+        assert f"\n## {stage}\n" in page, stage
+        section = page.split(f"\n## {stage}\n", 1)[1].split("\n## ", 1)[0]
+        with pytest.raises(SystemExit):
+            cli.main([stage, "--help"])
+        for option in set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", capsys.readouterr().out)) - {"--help"}:
+            if option not in section:
+                missing.append(f"{stage} {option}")
+    assert not missing, f"not in docs/stages.md (run scripts/docs_options.py): {missing}"
