@@ -602,6 +602,7 @@ def test_browser_two_model_view(browser, ex2):
         page.wait_for_selector("body[data-ready='1']")
         page.fill("#ds-index", "11")
         page.click("#ds-load")
+        page.wait_for_function("document.querySelector('#image-desc').textContent.includes('[11]')")
         page.wait_for_selector("#image-latents .group")
         heads = page.locator("#image-latents .group h3").all_inner_texts()
         assert [h.split(" (")[0] for h in heads] == ["common", "base only", "adapted only"]

@@ -38,7 +38,7 @@ PAPER_ROWS_PREFIXED = tuple((f"{r[0]} (paper, ViT-B/16)", *r[1:]) for r in PAPER
 
 # The official recipe (SGD, lr 0.0035, 5 epochs) hardly moves the prompts of the embedded model, whose logit
 # scale is 12.8 instead of CLIP's 100 (gradients ~8x smaller): on digits it left base accuracy at chance. AdamW at
-# 2e-3 for 10 epochs (batch 4, 16 shots) was the best of the few settings tried (README, adaptation section).
+# 2e-3 for 10 epochs (batch 4, 16 shots) was the best of the few settings tried (docs/adaptation.md).
 STUDY_ADAPT = AdaptOptions(optimizer="adamw", lr=2e-3, epochs=10, batch_size=4, max_eval_images=2000)
 STUDY_COMPARE = CompareOptions(max_images=5000, max_rank_images=5000, max_eval_images=2000)
 

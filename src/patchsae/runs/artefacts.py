@@ -1,0 +1,125 @@
+"""One reader per artefact of a run, and one staleness rule for everything derived from the SAE.
+
+The rule: an artefact is current when the identity recorded in its manifest equals the identity asked for —
+the SAE that produced it (sha256 of its weights), and whichever of model, layer, dataset, split and parameters
+the reader needs to match. Manifests written before the SAE's hash was recorded fall back to file times (the
+artefact must be newer than the SAE's weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from patchsae import PatchSAEError
+from patchsae.runs.run import Run
+from patchsae.utils import read_json
+
+
+def open_run(run: Run):
+    """(cfg, model, sae, layer): the run's config, model, SAE and resolved hooked block, refusing an SAE that was
+    not trained on this model's hooked block."""
+    from patchsae.models.load import load_model
+    from patchsae.sae.checkpoint import load_sae
+
+    cfg = run.load_config()
+    model = load_model(cfg.model, cfg.device)
+    layer = model.resolve_layer(cfg.layer)
+    sae, meta = load_sae(run.sae_dir, d_model=model.d_model)
+    recorded = [("the SAE's config", meta)]
+    cache_manifest = run.cache_dir(cfg.train_split) / "manifest.json"
+    if cache_manifest.exists():
+        recorded.append((f"its training cache {cache_manifest}", read_json(cache_manifest)))
+    for where, info in recorded:
+        if "layer" in info and info["layer"] != layer:
+            raise PatchSAEError(f"the SAE in {run.sae_dir} was trained on block {info['layer']} ({where}), "
+                                f"but the run's config hooks block {layer} of {model.name}")
+        if "model" in info and info["model"] != model.name:
+            raise PatchSAEError(f"the SAE in {run.sae_dir} was trained on {info['model']} ({where}), "
+                                f"but the run's config names {model.name}")
+    return cfg, model, sae, layer
+
+
+def open_run_dataset(cfg, dataset: str | None, split: str):
+    """`dataset` (a --dataset spec), or the run's own dataset read from its local copy if it has one."""
+    from patchsae.data import open_dataset
+
+    return open_dataset(dataset or cfg.dataset, split, path=None if dataset else cfg.dataset_path)
+
+
+def sae_identity(run: Run) -> str | None:
+    """sha256 of the SAE's weights file (None while there is none): what every derived artefact records."""
+    if not run.sae_weights.exists():
+        return None
+    h = hashlib.sha256()
+    with run.sae_weights.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_current(run: Run, manifest: dict, artefact: Path, want: dict | None = None) -> bool:
+    """The staleness rule (module docstring): same SAE, and every key of `want` equal in the manifest."""
+    recorded = manifest.get("sae_sha256")
+    if recorded is not None:
+        same_sae = recorded == sae_identity(run)
+    else:  # written before hashes were recorded: it must be newer than the SAE's weights
+        same_sae = not run.sae_weights.exists() or artefact.stat().st_mtime >= run.sae_weights.stat().st_mtime
+    return same_sae and all(manifest.get(k) == v for k, v in (want or {}).items())
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What `analyze` wrote: its manifest and every per-latent tensor (see stages/analyze.py)."""
+
+    manifest: dict
+    tensors: dict[str, torch.Tensor]
+
+    def names(self) -> list[str]:
+        """Each latent's top concept name ('' if none)."""
+        vocab = self.manifest["naming"]["vocabulary"]
+        return [vocab[int(i)] if i >= 0 else "" for i in self.tensors["name_index_SN"][:, 0]]
+
+
+def read_analysis(run: Run, d_sae: int, want: dict | None = None) -> Analysis | None:
+    """The run's `analyze` output if it exists, describes an SAE of d_sae latents and is current (see
+    `is_current`); else None."""
+    from safetensors.torch import load_file
+
+    mf, stats = run.analysis_dir / "manifest.json", run.analysis_dir / "stats.safetensors"
+    try:
+        manifest = read_json(mf)
+        if manifest.get("d_sae") != d_sae or not is_current(run, manifest, stats, want):
+            return None
+        tensors = load_file(str(stats))
+    except (OSError, ValueError, KeyError):
+        return None
+    return Analysis(manifest, tensors) if len(tensors.get("frequency_S", ())) == d_sae else None
+
+
+def require_analysis(run: Run, d_sae: int) -> Analysis:
+    """`read_analysis`, or one line saying how to make it."""
+    found = read_analysis(run, d_sae)
+    if found is None:
+        raise PatchSAEError(f"{run.path} has no current concept statistics for its SAE ({run.analysis_dir}); run "
+                            f"`patchsae analyze --run {run.path}` first")
+    return found
+
+
+def cache_covering(run: Run, split: str, want: dict, max_images: int | None, n_classes: int):
+    """The run's activation cache of `split` if it was made with `want` (dataset, split, model, layer), holds
+    the first `max_images` images (all if None) and has n_classes classes; else None."""
+    from patchsae.activations.cache import ActivationCache
+
+    folder = run.cache_dir(split)
+    try:
+        m = read_json(folder / "manifest.json")
+    except (OSError, ValueError):
+        return None
+    covers = m.get("max_images") is None or (max_images is not None and m["max_images"] >= max_images)
+    if {k: m.get(k) for k in want} == want and covers and len(m.get("class_names", [])) == n_classes:
+        return ActivationCache(folder)
+    return None
