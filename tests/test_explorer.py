@@ -534,6 +534,7 @@ def test_browser_upload_click_patch_select_latent_steer(browser, server, ex, tmp
     assert all_images_loaded(page) and page.evaluate("document.querySelector('#main-img').naturalWidth") > 0
 
     page.set_input_files("#file", str(tmp_path / "x.png"))
+    page.wait_for_function("!document.querySelector('#image-desc').textContent.includes('ds-0')")
     page.wait_for_selector("#image-latents .bar")
     first = int(page.get_attribute("#image-latents .bar >> nth=0", "data-latent"))
     assert first == int(codes(ex, img).mean(0).argmax())
