@@ -63,7 +63,8 @@ class AdaptOptions:
 @dataclass(frozen=True)
 class AdaptCommand:
     out: str = opt(help="folder for prompts.safetensors + config.json (OUT/seed<N> for several seeds)", required=True)
-    seeds: tuple[int, ...] = opt((), "one prompt set per seed (default 1)", flag="--seed", show_default=False)
+    seeds: tuple[int, ...] = opt((), "one prompt set per seed (default 1)", flag="--seed", metavar="SEED",
+                               show_default=False)
 
 
 OPTIONS = (AdaptCommand, AdaptOptions)

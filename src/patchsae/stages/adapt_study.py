@@ -46,7 +46,7 @@ STUDY_COMPARE = CompareOptions(max_images=5000, max_rank_images=5000, max_eval_i
 @dataclass(frozen=True)
 class StudyOptions:
     scenarios: tuple[str, ...] = opt(SCENARIOS, "scenarios to run", choices=SCENARIOS)
-    seeds: tuple[int, ...] = opt((1, 2, 3), "prompt seeds", flag="--seed")
+    seeds: tuple[int, ...] = opt((1, 2, 3), "prompt seeds", flag="--seed", metavar="SEED")
     adapt: AdaptOptions = opt(STUDY_ADAPT, "prompt training (model and dataset are filled in per scenario)",
                               cli=False)
     compare: CompareOptions = opt(STUDY_COMPARE, "the comparison of each scenario", cli=False)

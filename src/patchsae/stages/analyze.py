@@ -36,7 +36,7 @@ class AnalyzeOptions:
     dataset: str | None = opt(None, "dataset to analyse (default: the run's own); any --dataset spec")
     split: str | None = opt(None, "split to analyse (default: the run's eval split)")
     max_images: int | None = opt(None, "analyse only the first N images")
-    k: int = opt(10, "reference images kept per latent", flag="--top-k")
+    k: int = opt(10, "reference images kept per latent", flag="--top-k", metavar="TOP_K")
     tau: float = opt(0.2, "token activation threshold for class counts")
     groups: tuple[str, ...] = opt((), "classes whose counts are summed (group level)", flag="--group",
                                   metavar="CLASS")

@@ -22,7 +22,7 @@ class ExplorerOptions:
 @dataclass(frozen=True)
 class ServeOptions:
     port: int = opt(7860, "port")
-    host: str = opt("127.0.0.1", "address to bind (127.0.0.1: this machine only)")
+    host: str = opt("127.0.0.1", "address to bind (127.0.0.1: this machine only)", show_default=False)
     max_upload_mb: float = opt(10.0, "largest accepted upload in MB")
 
 
