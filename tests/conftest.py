@@ -35,7 +35,8 @@ def make_clip(folder: Path, *, width=32, layers=3, heads=2, image_size=28, patch
     model.save_pretrained(folder)
     build_byte_tokenizer().save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(
-        {"crop_size": {"height": image_size, "width": image_size}, "image_mean": [0.5] * 3, "image_std": [0.25] * 3}))
+        {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size},
+         "image_mean": [0.5] * 3, "image_std": [0.25] * 3}))
     return folder
 
 

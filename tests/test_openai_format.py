@@ -6,6 +6,7 @@ incomplete files."""
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import pytest
@@ -17,7 +18,8 @@ from tokenizers import pre_tokenizers
 from patchsae import PatchSAEError, cli
 from patchsae.models.clip import CLIP_MEAN, CLIP_STD
 from patchsae.models.load import load_model
-from patchsae.models.openai_format import config_from_state_dict, convert_state_dict, load_openai_checkpoint
+from patchsae.models.openai_format import (config_from_state_dict, convert_state_dict, load_openai_checkpoint,
+                                          resolve_act)
 from patchsae.models.templates import IMAGENET_TEMPLATES
 
 
@@ -67,8 +69,9 @@ def random_openai_sd(seed=0, **dims):
     return sd
 
 
-def ref_block(x_BTD, sd, pre, mask_TT=None):
-    """OpenAI's ResidualAttentionBlock: x + attn(ln_1(x)), then x + mlp(ln_2(x)), QuickGELU, 64-wide heads."""
+def ref_block(x_BTD, sd, pre, mask_TT=None, act="quick_gelu"):
+    """OpenAI's ResidualAttentionBlock: x + attn(ln_1(x)), then x + mlp(ln_2(x)), QuickGELU (open_clip's GELU
+    models: exact erf GELU), 64-wide heads."""
     B, T, D = x_BTD.shape
     H = D // 64
     h = F.layer_norm(x_BTD, (D,), sd[pre + "ln_1.weight"], sd[pre + "ln_1.bias"], 1e-5)
@@ -81,12 +84,12 @@ def ref_block(x_BTD, sd, pre, mask_TT=None):
     x_BTD = x_BTD + att @ sd[pre + "attn.out_proj.weight"].T + sd[pre + "attn.out_proj.bias"]
     h = F.layer_norm(x_BTD, (D,), sd[pre + "ln_2.weight"], sd[pre + "ln_2.bias"], 1e-5)
     h = h @ sd[pre + "mlp.c_fc.weight"].T + sd[pre + "mlp.c_fc.bias"]
-    h = h * torch.sigmoid(1.702 * h)
+    h = h * torch.sigmoid(1.702 * h) if act == "quick_gelu" else 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
     return x_BTD + h @ sd[pre + "mlp.c_proj.weight"].T + sd[pre + "mlp.c_proj.bias"]
 
 
 @torch.no_grad()
-def ref_image(sd, pixels_BCHW):
+def ref_image(sd, pixels_BCHW, act="quick_gelu"):
     """(embeddings, residual stream after every block) of OpenAI's VisionTransformer.forward."""
     conv = sd["visual.conv1.weight"]
     D = conv.shape[0]
@@ -98,7 +101,7 @@ def ref_image(sd, pixels_BCHW):
     outs = []
     n = len({k.split(".")[3] for k in sd if k.startswith("visual.transformer.resblocks.")})
     for i in range(n):
-        x = ref_block(x, sd, f"visual.transformer.resblocks.{i}.")
+        x = ref_block(x, sd, f"visual.transformer.resblocks.{i}.", act=act)
         outs.append(x)
     pooled = F.layer_norm(x[:, 0], (D,), sd["visual.ln_post.weight"], sd["visual.ln_post.bias"], 1e-5)
     return pooled @ sd["visual.proj"], outs
@@ -205,6 +208,63 @@ def test_b16_safetensors_gives_the_same_model(b16):
     a, b = model.hf.state_dict(), other.hf.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- open_clip's plain-GELU ViTs --------------------------------------------------------------------------------
+GELU_B16 = dict(B16, layers=2, text_width=128, text_layers=1, vocab=300)  # B/16 vision at full width, 2 blocks
+
+
+@pytest.fixture(scope="module")
+def gelu_b16(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("openclip_gelu")
+    sd = random_openai_sd(seed=3, **GELU_B16)
+    torch.save(sd, folder / "laion-b16.pt")
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    return sd, folder, x
+
+
+def test_gelu_checkpoint_with_act_gelu_matches_an_independent_gelu_forward(gelu_b16, capsys):
+    sd, folder, x = gelu_b16
+    model = load_model(str(folder / "laion-b16.pt"), act="gelu")
+    assert capsys.readouterr().err == ""  # the activation was given: nothing assumed
+    assert model.hf.config.vision_config.hidden_act == model.hf.config.text_config.hidden_act == "gelu"
+    want_emb, want_blocks = ref_image(sd, x, act="gelu")
+    quick_emb, _ = ref_image(sd, x, act="quick_gelu")
+    assert max_diff(model.image_features(x), want_emb) <= 1e-4
+    assert max_diff(model.block_output(x, 0), want_blocks[0]) <= 1e-4
+    assert max_diff(quick_emb, want_emb) > 1e-3  # the activation matters at this size: QuickGELU would fail
+
+
+def test_open_clip_config_beside_the_file_decides_the_activation(gelu_b16, tmp_path, capsys):
+    sd, folder, x = gelu_b16
+    cfg = {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 2, "width": 768, "patch_size": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 300, "width": 128, "heads": 2, "layers": 1}}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    try:
+        model = load_model(str(folder / "laion-b16.pt"))
+        assert model.hf.config.vision_config.hidden_act == "gelu" and capsys.readouterr().err == ""
+        assert max_diff(model.image_features(x), ref_image(sd, x, act="gelu")[0]) <= 1e-4
+        (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {**cfg, "quick_gelu": True}}))
+        assert resolve_act(folder / "laion-b16.pt") == "quick_gelu"
+        timm = {**cfg, "vision_cfg": {**cfg["vision_cfg"], "timm_model_name": "vit_base_patch16_siglip_224"}}
+        (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": timm}))
+        with pytest.raises(PatchSAEError, match="timm_model_name"):
+            resolve_act(folder / "laion-b16.pt")
+    finally:
+        (folder / "open_clip_config.json").unlink()
+    (tmp_path / "ViT-B-16-laion2b.json").write_text(json.dumps(cfg))  # open_clip model_configs style: <stem>.json
+    assert resolve_act(tmp_path / "ViT-B-16-laion2b.pt") == "gelu"
+
+
+def test_activation_from_the_name_or_assumed_in_one_line(tmp_path, capsys):
+    assert resolve_act(tmp_path / "ViT-B-32-quickgelu.pt") == "quick_gelu"
+    assert resolve_act(tmp_path / "ViT-L-14.pt") == "quick_gelu"  # OpenAI's own release file name
+    assert capsys.readouterr().err == ""
+    assert resolve_act(tmp_path / "my-model.pt") == "quick_gelu"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "assuming QuickGELU" in err and "act='gelu'" in err
+    with pytest.raises(PatchSAEError, match="act must be one of"):
+        resolve_act(tmp_path / "my-model.pt", "relu")
 
 
 # ---- sizes from shapes alone -----------------------------------------------------------------------------------

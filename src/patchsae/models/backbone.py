@@ -26,12 +26,13 @@ Finisher = Callable[[torch.Tensor], torch.Tensor]  # residual stream after a blo
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Which row of a block's output is which token: CLS first, then an optional run of visual prompt tokens
-    (MaPLe adds them), then the patch grid in row-major order."""
+    """Which row of a block's output is which token: class tokens first, then register tokens (DINOv2 with
+    registers), then visual prompt tokens (MaPLe adds them), then the patch grid in row-major order."""
 
-    n_cls: int  # class tokens at the start (1 for CLIP)
-    n_prompt: int  # learnt prompt tokens after them (0 unless the model is adapted)
+    n_cls: int  # class tokens at the start (1 for CLIP and DINOv2, 0 for SigLIP)
+    n_prompt: int  # learnt prompt tokens (0 unless the model is adapted)
     grid: tuple[int, int]  # patch grid (rows, columns)
+    n_register: int = 0  # register tokens after the class token (DINOv2 with registers: 4)
 
     @property
     def n_patches(self) -> int:
@@ -39,17 +40,20 @@ class TokenLayout:
 
     @property
     def n_tokens(self) -> int:
-        return self.n_cls + self.n_prompt + self.n_patches
+        return self.n_cls + self.n_register + self.n_prompt + self.n_patches
 
     def kinds(self) -> list[str]:
-        return ["cls"] * self.n_cls + ["prompt"] * self.n_prompt + ["patch"] * self.n_patches
+        return (["cls"] * self.n_cls + ["register"] * self.n_register + ["prompt"] * self.n_prompt
+                + ["patch"] * self.n_patches)
 
     def image_token_mask(self) -> torch.Tensor:
-        """True for CLS and patch tokens: the tokens an SAE trained on the frozen model sees."""
-        return torch.tensor([k != "prompt" for k in self.kinds()])
+        """True for CLS and patch tokens: the tokens an SAE trained on the frozen model sees (prompt and register
+        tokens are kept apart)."""
+        return torch.tensor([k in ("cls", "patch") for k in self.kinds()])
 
     def to_json(self) -> dict:
-        return {"n_cls": self.n_cls, "n_prompt": self.n_prompt, "grid": list(self.grid), "kinds": self.kinds()}
+        out = {"n_cls": self.n_cls, "n_prompt": self.n_prompt, "grid": list(self.grid), "kinds": self.kinds()}
+        return {**out, "n_register": self.n_register} if self.n_register else out  # older runs: no key
 
 
 class Backbone(ABC):
@@ -149,6 +153,17 @@ class Backbone(ABC):
     def logit_scale(self) -> float:
         """Multiplier turning `logits` (cosine similarities) into the model's own softmax logits."""
         raise PatchSAEError(f"{self.name} has no text tower, so no zero-shot logit scale")
+
+    @property
+    def logit_bias(self) -> float:
+        """Added to the scaled logits before the model's own link function (SigLIP learns one; CLIP has none)."""
+        return 0.0
+
+    @torch.no_grad()
+    def zero_shot_probs(self, image_features_BE: torch.Tensor, head_CE: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (batch, classes) as the model itself computes them: CLIP's softmax over the
+        classes at its logit scale (SigLIP overrides this with its per-class sigmoid)."""
+        return torch.softmax(self.logit_scale * self.logits(image_features_BE, head_CE).float(), -1)
 
     def text_features(self, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """Unnormalised text embeddings (prompts, E)."""

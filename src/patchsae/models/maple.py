@@ -38,7 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from patchsae import PatchSAEError
-from patchsae.models.clip import ClipModel, TokenLayout
+from patchsae.models.backbone import TokenLayout
+from patchsae.models.clip import ClipModel
 from patchsae.utils import atomic_path, read_json, write_json
 
 PROMPTS_FILE = "prompts.safetensors"
@@ -131,14 +132,6 @@ class MapleModel(ClipModel):
                 h_BTD = torch.cat([h_BTD[:, :1], p_BND, h_BTD[:, 1 + n:]], 1)
             h_BTD = self.blocks[i](h_BTD, None)
         return h_BTD
-
-    @torch.no_grad()
-    def block_output(self, pixels_BCHW: torch.Tensor, layer: int = -2) -> torch.Tensor:
-        """Residual stream after block `layer` at every token (CLS, prompts, patches); stops there."""
-        return self._run_blocks(self._embed(pixels_BCHW), 0, self.resolve_layer(layer) + 1)
-
-    def _finish(self, h_BTD: torch.Tensor, start: int) -> torch.Tensor:
-        return self._head(self._run_blocks(h_BTD, start, self.n_layers)[:, 0])
 
     def plain_blocks_start(self) -> int:
         return self.depth  # compound prompts are injected before blocks 1..depth-1, none from block depth on

@@ -2,15 +2,18 @@
 `CLIPModel`.
 
 The layout carries no config: like OpenAI's own `build_model`, every size is read from tensor shapes. open_clip
-saves its OpenAI-style ViTs (`QuickGELU` models) in the same layout; its GELU-trained ViTs have the same shapes,
-and since the activation cannot be read from shapes, this loader (QuickGELU, as OpenAI) is right only for the
-QuickGELU ones. Only ViT towers are supported; the ResNet CLIPs (`visual.layer1...`) have no patch tokens to hook.
+saves its ViTs in the same layout, both the QuickGELU ones (OpenAI's activation) and the plain-GELU ones (most
+LAION/DataComp models); shapes cannot tell them apart, so `resolve_act` decides: an explicit `act`, else an
+open_clip model config JSON beside the file, else a known name, else QuickGELU with one line saying so. Only ViT
+towers are supported; the ResNet CLIPs (`visual.layer1...`) have no patch tokens to hook.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import sys
 import zipfile
 from pathlib import Path
 
@@ -21,6 +24,8 @@ from patchsae import PatchSAEError
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 HEAD_WIDTH = 64  # OpenAI: heads = width // 64 in both towers
 IGNORED = ("input_resolution", "context_length", "vocab_size")  # scalars some files carry
+ACTS = ("quick_gelu", "gelu")
+OPENAI_RELEASES = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336px")  # OpenAI's own file names: QuickGELU
 
 # sub-keys of one residual block: OpenAI name -> HF name (in_proj is split into q, k, v separately)
 _BLOCK = {
@@ -74,8 +79,50 @@ def _check_vit(sd: dict) -> None:
         raise PatchSAEError("this is a ResNet CLIP checkpoint; only ViT checkpoints are supported")
 
 
-def config_from_state_dict(sd: dict):
-    """A `CLIPConfig` derived from tensor shapes alone (works on meta or empty tensors)."""
+def _open_clip_config(path: Path) -> dict | None:
+    """The open_clip model config beside `path` (open_clip_config.json as on the hub, with its "model_cfg", or
+    <stem>.json as in open_clip's model_configs), or None."""
+    for cand in (path.parent / "open_clip_config.json", path.with_suffix(".json")):
+        if cand.is_file():
+            try:
+                cfg = json.loads(cand.read_text())
+            except (OSError, ValueError) as exc:
+                raise PatchSAEError(f"{cand}: not readable JSON ({exc})") from None
+            cfg = cfg.get("model_cfg", cfg) if isinstance(cfg, dict) else None
+            if isinstance(cfg, dict) and "vision_cfg" in cfg:
+                return cfg | {"_file": str(cand)}
+    return None
+
+
+def resolve_act(path: str | Path, act: str | None = None) -> str:
+    """The MLP activation of an OpenAI-layout checkpoint: `act` if given; else the open_clip config beside the
+    file ("quick_gelu": true or not); else the name (open_clip's "-quickgelu" models and OpenAI's own release
+    names use QuickGELU); else QuickGELU, saying so in one line on stderr."""
+    path = Path(path)
+    if act is not None:
+        if act not in ACTS:
+            raise PatchSAEError(f"act must be one of {', '.join(ACTS)}, not {act!r}")
+        return act
+    cfg = _open_clip_config(path)
+    if cfg is not None:
+        vis, txt = cfg.get("vision_cfg") or {}, cfg.get("text_cfg") or {}
+        odd = [k for k in ("timm_model_name", "ls_init_value", "attentional_pool", "no_ln_pre") if vis.get(k)]
+        odd += [k for k in ("hf_model_name",) if txt.get(k)] + (["pool_type"] if vis.get("pool_type") not in
+                                                                 (None, "tok") else [])
+        if odd:
+            raise PatchSAEError(f"{cfg['_file']}: an open_clip model with {', '.join(odd)} is not an OpenAI-style "
+                                "ViT CLIP; only those convert")
+        return "quick_gelu" if cfg.get("quick_gelu", False) else "gelu"
+    if "quickgelu" in path.stem.lower().replace("_", "").replace("-", "") or path.stem in OPENAI_RELEASES:
+        return "quick_gelu"
+    print(f"patchsae: {path.name}: no open_clip config beside it and no known name; assuming QuickGELU "
+          "(OpenAI's); pass act='gelu' for GELU-trained open_clip models (most LAION/DataComp)", file=sys.stderr)
+    return "quick_gelu"
+
+
+def config_from_state_dict(sd: dict, act: str = "quick_gelu"):
+    """A `CLIPConfig` derived from tensor shapes alone (works on meta or empty tensors); `act` is the MLP
+    activation of both towers, which shapes cannot tell."""
     from transformers import CLIPConfig
 
     _check_vit(sd)
@@ -90,7 +137,9 @@ def config_from_state_dict(sd: dict):
         raise PatchSAEError(f"visual.positional_embedding has {n_pos} rows: not 1 + a square patch grid")
     text_width = sd["ln_final.weight"].shape[0]
     vocab = sd["token_embedding.weight"].shape[0]
-    act = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    if act not in ACTS:
+        raise PatchSAEError(f"act must be one of {', '.join(ACTS)}, not {act!r}")
+    act = dict(hidden_act=act, layer_norm_eps=1e-5)
     return CLIPConfig(
         vision_config=dict(
             hidden_size=width, num_attention_heads=width // HEAD_WIDTH, patch_size=patch, image_size=patch * grid,
@@ -211,14 +260,16 @@ def load_tokenizer(checkpoint: Path, vocab_size: int, folder: str | Path | None 
     return tok
 
 
-def load_openai_checkpoint(path: str | Path, device: str = "cpu", tokenizer: str | Path | None = None):
+def load_openai_checkpoint(path: str | Path, device: str = "cpu", tokenizer: str | Path | None = None,
+                           act: str | None = None):
     """(`CLIPModel`, tokenizer or None) from an OpenAI-layout checkpoint file; `tokenizer` is an optional
-    tokenizer folder, otherwise vocab.json + merges.txt beside the file are used when present."""
+    tokenizer folder, otherwise vocab.json + merges.txt beside the file are used when present; `act`:
+    "quick_gelu" or "gelu" (None: `resolve_act` decides)."""
     from transformers import CLIPModel
 
     path = Path(path)
     sd = read_state_dict(path)
-    cfg = config_from_state_dict(sd)
+    cfg = config_from_state_dict(sd, resolve_act(path, act))
     weights = convert_state_dict(sd)
     tok = load_tokenizer(path, cfg.text_config.vocab_size, tokenizer)
     if tok is not None:  # HF pools the text tower at the first end-of-text token
