@@ -10,6 +10,7 @@ identity splice and `finish_from` give the model's own image features; the token
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -18,11 +19,10 @@ from PIL import Image
 
 from patchsae import PatchSAEError
 from patchsae.models.clip import ClipModel
-from patchsae.models.dinov2 import Dinov2Backbone, load_dinov2
+from patchsae.models.dinov2 import Dinov2Backbone
 from patchsae.models.load import load_model
 from patchsae.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess_from_config
-from patchsae.models.siglip import SiglipBackbone, load_siglip
-from patchsae.models.templates import IMAGENET_TEMPLATES
+from patchsae.models.siglip import SiglipBackbone
 from patchsae.models.tokenizer import build_byte_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,7 +67,7 @@ def _siglip(folder):
     model.save_pretrained(folder)
     build_byte_tokenizer(16).save_pretrained(folder)
     SiglipImageProcessorPil().save_pretrained(folder)  # 224 x 224 without keeping the aspect, mean = std = 0.5
-    return load_siglip(folder, "siglip", IMAGENET_TEMPLATES), SiglipImageProcessorPil.from_pretrained(folder)
+    return load_model(str(folder)), SiglipImageProcessorPil.from_pretrained(folder)
 
 
 def _dinov2(folder, registers: bool):
@@ -81,7 +81,7 @@ def _dinov2(folder, registers: bool):
     model.save_pretrained(folder)
     BitImageProcessorPil(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
                          image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)).save_pretrained(folder)
-    return load_dinov2(folder, "dinov2"), BitImageProcessorPil.from_pretrained(folder)
+    return load_model(str(folder)), BitImageProcessorPil.from_pretrained(folder)
 
 
 FAMILIES = {"clip": _clip, "siglip": _siglip, "dinov2": lambda f: _dinov2(f, False),
@@ -194,3 +194,14 @@ def test_preprocess_config_rules():
                      ({"do_resize": False}, "do_resize")):
         with pytest.raises(PatchSAEError, match=msg):
             preprocess_from_config(bad)
+
+
+def test_loading_refuses_unknown_families_and_mismatched_preprocessing(tmp_path, tiny_clip_dir):
+    (tmp_path / "vit").mkdir()
+    (tmp_path / "vit" / "config.json").write_text('{"model_type": "vit"}')
+    with pytest.raises(PatchSAEError, match="'vit' is not a supported backbone.*siglip.*dinov2_with_registers"):
+        load_model(str(tmp_path / "vit"))
+    bad = shutil.copytree(tiny_clip_dir, tmp_path / "clip")
+    (bad / "preprocessor_config.json").write_text('{"size": {"shortest_edge": 32}, "crop_size": 32}')
+    with pytest.raises(PatchSAEError, match="makes 32x32 images but the model takes 28x28"):
+        load_model(str(bad))

@@ -4,15 +4,16 @@ features are the final layer-normed class token (HF's pooler output), for a line
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from patchsae import PatchSAEError
 from patchsae.models.backbone import TokenLayout
-from patchsae.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, preprocess_from_folder
+from patchsae.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from patchsae.models.vit import HFViT
+
+# what the hub's DINOv2 folders say (BitImageProcessor): short side 256, centre crop 224, ImageNet mean/std
+DEFAULT_PREPROCESS = Preprocess(224, IMAGENET_MEAN, IMAGENET_STD, shortest_edge=256)
 
 
 class Dinov2Backbone(HFViT):
@@ -50,22 +51,3 @@ class Dinov2Backbone(HFViT):
     def _pool(self, h_BTD: torch.Tensor) -> torch.Tensor:
         return self.hf.layernorm(h_BTD[:, 0])  # LayerNorm is per token: the CLS row of layernorm(all tokens)
 
-
-_DINOV2_TYPES = ("dinov2", "dinov2_with_registers")
-
-
-def load_dinov2(folder: str | Path, name: str, device: str = "cpu") -> Dinov2Backbone:
-    """A local DINOv2 folder (config.json with model_type "dinov2" or "dinov2_with_registers", weights,
-    preprocessor config)."""
-    from transformers import AutoConfig, Dinov2Model, Dinov2WithRegistersModel
-
-    try:
-        cfg = AutoConfig.from_pretrained(str(folder), local_files_only=True)
-        if cfg.model_type not in _DINOV2_TYPES:
-            raise PatchSAEError(f"{folder}: model_type {cfg.model_type!r} is not DINOv2")
-        cls = Dinov2WithRegistersModel if cfg.model_type == "dinov2_with_registers" else Dinov2Model
-        model = cls.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise PatchSAEError(f"{folder}: not a loadable DINOv2 folder ({str(exc).splitlines()[0][:200]})") from None
-    default = Preprocess(224, IMAGENET_MEAN, IMAGENET_STD, shortest_edge=256)  # the hub models' own config
-    return Dinov2Backbone(model.to(device), preprocess_from_folder(folder, 224, default), name)

@@ -148,12 +148,3 @@ def preprocess_from_folder(folder: str | Path, image_size: int, default: Preproc
         raise PatchSAEError(f"{cfg_file}: not readable JSON ({exc})") from None
     return preprocess_from_config(cfg)
 
-
-def preprocess_for_size(folder: str | Path, image_size: int) -> Preprocess:
-    """The folder's own preprocessing for a model that takes exactly `image_size` pixels a side (CLIP and SigLIP
-    do not interpolate their position embeddings), or one clear error when the two disagree."""
-    pre = preprocess_from_folder(folder, image_size)
-    if pre.size != image_size:
-        raise PatchSAEError(f"{folder}: preprocessor_config.json makes {pre.size}x{pre.size} images but the model "
-                            f"takes {image_size}x{image_size}")
-    return pre

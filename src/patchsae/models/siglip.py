@@ -4,13 +4,12 @@ bias: p(class | image) = sigmoid(exp(logit_scale) * cos + logit_bias)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from patchsae import PatchSAEError
-from patchsae.models.preprocess import Preprocess, preprocess_for_size
+from patchsae.models.preprocess import Preprocess
 from patchsae.models.vit import HFImageText
 
 
@@ -53,15 +52,3 @@ class SiglipBackbone(HFImageText):
             outs.append(out.pooler_output if hasattr(out, "pooler_output") else out)
         return torch.cat(outs)
 
-
-def load_siglip(folder: str | Path, name: str, templates: Sequence[str], device: str = "cpu") -> SiglipBackbone:
-    """A local SigLIP folder (config.json with model_type "siglip", weights, tokenizer, preprocessor config)."""
-    from transformers import AutoTokenizer, SiglipModel
-
-    try:
-        model = SiglipModel.from_pretrained(str(folder), local_files_only=True)
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise PatchSAEError(f"{folder}: not a loadable SigLIP folder ({str(exc).splitlines()[0][:200]})") from None
-    pre = preprocess_for_size(folder, model.config.vision_config.image_size)
-    return SiglipBackbone(model.to(device), tok, pre, name, templates)
