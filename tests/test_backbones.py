@@ -205,3 +205,48 @@ def test_loading_refuses_unknown_families_and_mismatched_preprocessing(tmp_path,
     (bad / "preprocessor_config.json").write_text('{"size": {"shortest_edge": 32}, "crop_size": 32}')
     with pytest.raises(PatchSAEError, match="makes 32x32 images but the model takes 28x28"):
         load_model(str(bad))
+
+
+# ---- the new families through the command line (tiny random models) ------------------------------------------
+SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2)
+
+
+def test_dinov2_with_registers_caches_and_trains_from_the_command_line(tmp_path):
+    from transformers import BitImageProcessorPil, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from patchsae import cli
+    from patchsae.activations.cache import ActivationCache
+
+    torch.manual_seed(0)
+    folder = tmp_path / "dino"
+    cfg = Dinov2WithRegistersConfig(**SMALL, patch_size=7, image_size=28, num_register_tokens=4)
+    Dinov2WithRegistersModel(cfg).save_pretrained(folder)
+    BitImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 28, "width": 28}).save_pretrained(folder)
+    run = tmp_path / "run"
+    assert cli.main(["cache", "--run", str(run), "--model", str(folder), "--max-train-images", "24",
+                     "--batch-tokens", "64"]) == 0
+    cache = ActivationCache(run / "cache" / "train")
+    assert cache.kinds == ["cls"] + ["register"] * 4 + ["patch"] * 16
+    assert cli.main(["train", "--run", str(run)]) == 0
+    assert (run / "sae").is_dir()
+
+
+def test_siglip_quickstart_runs_end_to_end(tmp_path):
+    from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel
+
+    from patchsae import cli
+    from patchsae.utils import read_json
+
+    torch.manual_seed(0)
+    folder = tmp_path / "siglip"
+    SiglipModel(SiglipConfig(vision_config=dict(SMALL, patch_size=7, image_size=28),
+                             text_config=dict(SMALL, vocab_size=258, max_position_embeddings=64, projection_size=32,
+                                              bos_token_id=256, eos_token_id=257, pad_token_id=257))
+                ).save_pretrained(folder)
+    build_byte_tokenizer(64).save_pretrained(folder)
+    SiglipImageProcessorPil(size={"height": 28, "width": 28}).save_pretrained(folder)
+    run = tmp_path / "run"
+    assert cli.main(["quickstart", "--run", str(run), "--model", str(folder), "--max-train-images", "48",
+                     "--max-eval-images", "24", "--expansion", "4", "--warmup-steps", "2"]) == 0
+    summary = read_json(run / "summary.json")
+    assert summary["d_model"] == 32 and 0 <= summary["zero_shot_accuracy"] <= 1

@@ -422,7 +422,11 @@ def test_not_a_state_dict_and_torchscript_refused(tmp_path):
 def test_models_subcommand_lists_sources(capsys):
     assert cli.main(["models"]) == 0
     out = capsys.readouterr().out
-    lines = out.strip().splitlines()
-    assert len(lines) == 4
+    sources, families = out.strip().split("\n\n")
+    assert len(sources.splitlines()) == 4
     for fragment in ("embedded", "openai/clip-vit-base-patch16", ".pt", ".safetensors", "open_clip", "OpenAI"):
-        assert fragment in out
+        assert fragment in sources
+    rows = families.splitlines()
+    assert [r.split()[0] for r in rows] == ["family", "clip", "siglip", "dinov2", "dinov2-registers"]
+    assert "register" in rows[4] and "not built yet" in rows[4]
+    assert "sigmoid" in rows[2] and "no class token" in rows[2]

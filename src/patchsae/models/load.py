@@ -40,9 +40,10 @@ FAMILIES = (
     Family("clip", ("clip",), "CLIPModel", "cls, patch (+ prompt with MaPLe)", "text tower: softmax zero-shot head"),
     Family("siglip", ("siglip",), "SiglipModel", "patch (no class token)",
            "text tower: sigmoid zero-shot head with its learnt bias"),
-    Family("dinov2", ("dinov2",), "Dinov2Model", "cls, patch", "no text tower: linear probe"),
+    Family("dinov2", ("dinov2",), "Dinov2Model", "cls, patch", "no text tower: linear probe (not built yet; "
+           "evaluate/classify refuse)"),
     Family("dinov2-registers", ("dinov2_with_registers",), "Dinov2WithRegistersModel", "cls, register, patch",
-           "no text tower: linear probe"),
+           "no text tower: linear probe (not built yet; evaluate/classify refuse)"),
 )
 
 
@@ -123,7 +124,9 @@ def _load_folder(source: str, local: bool, device: str, name: str, templates) ->
 def _load_openai(path: Path, device: str, tokenizer: str | None, act: str | None) -> ClipModel:
     model, tok = load_openai_checkpoint(path, device, tokenizer, act)
     pre = Preprocess(model.config.vision_config.image_size)
-    return ClipModel(model, MissingTokenizer(path) if tok is None else tok, pre, str(path), IMAGENET_TEMPLATES)
+    # the activation is part of the model's identity (caches, SAEs and text heads record the name)
+    name = str(path) if model.config.vision_config.hidden_act == "quick_gelu" else f"{path} [gelu]"
+    return ClipModel(model, MissingTokenizer(path) if tok is None else tok, pre, name, IMAGENET_TEMPLATES)
 
 
 def load_model(source: str = "embedded", device: str = "cpu", tokenizer: str | None = None,

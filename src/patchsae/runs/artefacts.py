@@ -26,7 +26,7 @@ def open_run(run: Run):
     from patchsae.sae.checkpoint import load_sae
 
     cfg = run.load_config()
-    model = load_model(cfg.model, cfg.device)
+    model = load_model(cfg.model, cfg.device, act=cfg.act)
     layer = model.resolve_layer(cfg.layer)
     sae, meta = load_sae(run.sae_dir, d_model=model.d_model)
     recorded = [("the SAE's config", meta)]

@@ -7,8 +7,12 @@ from dataclasses import asdict, dataclass
 
 from patchsae.options import opt
 
-MODEL_HELP = ("CLIP to open: 'embedded' (default), a local Hugging Face CLIP folder, a hub id such as "
-              "openai/clip-vit-base-patch16, or an OpenAI-layout .pt/.safetensors file (see `patchsae models`)")
+MODEL_HELP = ("model to open: 'embedded' (default), a local Hugging Face CLIP, SigLIP or DINOv2 folder, a hub id "
+              "such as openai/clip-vit-base-patch16, or an OpenAI-layout .pt/.safetensors file (see `patchsae "
+              "models`)")
+ACT_HELP = ("MLP activation of an OpenAI-layout checkpoint file: quick_gelu (OpenAI's) or gelu (most open_clip "
+            "LAION/DataComp models); default: an open_clip config beside the file or its name decides, else "
+            "quick_gelu, said in one line")
 DATASET_HELP = ("'fashion-mnist', 'digits' (scikit-learn's 8x8 digits), a name from `patchsae datasets` (e.g. "
                 "eurosat), a folder of class subfolders, a datasets save_to_disk folder, or hf:NAME")
 DATASET_PATH_HELP = ("local copy of a `patchsae datasets` entry (a save_to_disk folder or an image folder); "
@@ -18,6 +22,7 @@ DATASET_PATH_HELP = ("local copy of a `patchsae datasets` entry (a save_to_disk 
 @dataclass(frozen=True)
 class RunConfig:
     model: str = opt("embedded", MODEL_HELP, show_default=False)
+    act: str | None = opt(None, ACT_HELP, show_default=False, choices=("quick_gelu", "gelu"))
     dataset: str = opt("fashion-mnist", DATASET_HELP, show_default=False)
     dataset_path: str | None = opt(None, DATASET_PATH_HELP, show_default=False)
     train_split: str = opt("train", "split whose activations are cached and trained on", show_default=False)

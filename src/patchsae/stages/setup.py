@@ -61,4 +61,4 @@ def model_for(cfg: RunConfig, dist=None):
     from patchsae.dist import Dist
     from patchsae.models.load import load_model
 
-    return load_model(cfg.model, (dist or Dist()).device(cfg.device))
+    return load_model(cfg.model, (dist or Dist()).device(cfg.device), act=cfg.act)
