@@ -29,7 +29,7 @@ def counts_from_cache(cache, sae: SAE, n_classes: int, tau: float, max_images: i
     """Class-level counts from an activation cache of the rank split (no model forward): images whose dataset
     index is below `max_images` (all if None). Returns (counts_CS, images)."""
     n = cache.n_images if max_images is None else int(np.searchsorted(cache.index[:, 0], max_images))
-    rows_T = torch.tensor([k != "prompt" for k in cache.kinds])
+    rows_T = torch.tensor([k in ("cls", "patch") for k in cache.kinds])  # as TokenLayout.image_token_mask
     counts_CS = torch.zeros(n_classes, sae.cfg.d_sae, dtype=torch.long)
     for s in range(0, n, chunk):
         h_BTD = torch.from_numpy(cache.images(s, min(s + chunk, n)))[:, rows_T]

@@ -125,7 +125,7 @@ class LatentAccumulator:
 def image_rows(model: ClipModel) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows of the block output that are image tokens, which of those rows are patches)."""
     layout = model.layout()
-    kinds = [k for k in layout.kinds() if k != "prompt"]
+    kinds = [k for k in layout.kinds() if k in ("cls", "patch")]  # the rows image_token_mask keeps
     return layout.image_token_mask(), torch.tensor([k == "patch" for k in kinds])
 
 

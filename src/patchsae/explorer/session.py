@@ -249,10 +249,9 @@ class Explorer:
 
     @torch.no_grad()
     def predictions(self, emb_BE: torch.Tensor, key: str, n: int = 5) -> list[dict]:
-        """Top-n zero-shot classes with softmax probabilities at the model's own logit scale."""
-        model = self.models[key]
-        scale = model.logit_scale
-        probs = torch.softmax(scale * model.logits(emb_BE, self.heads[key])[0].float(), -1)
+        """Top-n zero-shot classes with the model's own probabilities (CLIP: softmax at its logit scale; SigLIP:
+        its sigmoid with the learnt bias)."""
+        probs = self.models[key].zero_shot_probs(emb_BE, self.heads[key])[0]
         vals, ids = probs.topk(min(n, len(self.class_names)))
         return [{"class": self.class_names[int(i)], "index": int(i), "prob": round(float(v), 5)}
                 for i, v in zip(ids, vals)]
