@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from patchsae import PatchSAEError
 
 
 @contextmanager
@@ -51,3 +54,108 @@ def csv_text(header: list, rows) -> str:
     w.writerow(header)
     w.writerows(rows)
     return buf.getvalue()
+
+
+# words that must never reach a user in an error line about a file they may not trust
+UNSAFE_ADVICE = ("weights_only=False", "weights_only` set to `False", "trusted source", "trust the source")
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (or its type), cut to `limit` characters, with any advice to
+    turn off safe loading removed."""
+    first = str(exc).strip().splitlines()[0].strip() if str(exc).strip() else ""
+    if not first or any(a in first for a in UNSAFE_ADVICE):
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {first[:limit]}"
+
+
+def read_json_file(path: str | Path, what: str = "JSON file") -> Any:
+    """`read_json` for a file a user may have edited or damaged: any unreadable, undecodable or non-standard
+    JSON (NaN, Infinity, numbers too large for a float) is one PatchSAEError line naming the file."""
+    try:
+        return json.loads(Path(path).read_bytes(), parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (OSError, ValueError, RecursionError) as exc:
+        raise PatchSAEError(f"{path}: unreadable {what} ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def dataclass_from_json(cls: type, data: Any, where: str, allow_unknown: bool = False):
+    """`cls(**data)` for a JSON object whose every value has the type its field declares (int, float, str,
+    bool, X | None, tuple[X, ...] from a list); otherwise one PatchSAEError line naming `where` and the field.
+    A config with `"layer": "abc"` would otherwise load and fail later, far from the file."""
+    import dataclasses
+    import typing
+
+    if not isinstance(data, dict):
+        raise PatchSAEError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown and not allow_unknown:
+        raise PatchSAEError(f"{where}: unknown settings {unknown[:5]}")
+    missing = sorted(f.name for f in dataclasses.fields(cls) if f.init and f.name not in data
+                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise PatchSAEError(f"{where}: missing settings {missing}")
+    values = {}
+    for name in names & set(data):
+        try:
+            values[name] = _typed(data[name], hints[name])
+        except (TypeError, ValueError) as exc:
+            raise PatchSAEError(f"{where}: setting {name!r} {exc}") from None
+    return cls(**values)
+
+
+def _typed(value: Any, hint: Any) -> Any:
+    """`value` checked (and lists turned into tuples) against a type hint; TypeError says what was wrong."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            try:
+                return _typed(value, arm)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError(f"must be {' or '.join(_name(a) for a in args)}, not {_shown(value)}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63:
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (tuple, list) and isinstance(value, list):
+        item = args[0] if args else Any
+        return (tuple if origin is tuple else list)(_typed(v, item) for v in value)
+    elif hint is Any or origin is dict and isinstance(value, dict):
+        return value
+    raise TypeError(f"must be {_name(hint)}, not {_shown(value)}")
+
+
+def _name(hint: Any) -> str:
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from patchsae import PatchSAEError
 from patchsae.models.clip import ClipModel, TokenLayout
-from patchsae.utils import atomic_path, read_json, write_json
+from patchsae.pickles import load_pickled
+from patchsae.utils import atomic_path, one_line, read_json, write_json
 
 PROMPTS_FILE = "prompts.safetensors"
 CONFIG_FILE = "config.json"
@@ -256,17 +257,6 @@ def prompts_from_state_dict(sd: dict[str, torch.Tensor]) -> MaplePrompts:
     return prompts
 
 
-class _Inert:
-    """Stands in for any class or function a checkpoint names beyond tensors and containers (e.g. Dassl's LR
-    scheduler objects): it only stores what the pickle hands it and never runs any of the named code."""
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state):
-        self.state = state
-
-
 def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The prompt tensors of an official MaPLe checkpoint (`model.pth.tar-N`, `model-best.pth.tar`: a dict with
     'state_dict', 'epoch', 'optimizer', 'scheduler', ...), loaded with torch.load(weights_only=True). Globals
@@ -274,18 +264,7 @@ def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     Keys are returned without the 'prompt_learner.' (and any 'module.') prefix; token_prefix/token_suffix, the
     training class names' fixed token embeddings, are dropped as the official loader does, and so are any frozen
     CLIP weights saved beside the prompts."""
-    from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
-
-    path = Path(path)
-    if not path.is_file():
-        raise PatchSAEError(f"MaPLe checkpoint {path}: no such file")
-    try:
-        stubs = [(_Inert, name) for name in get_unsafe_globals_in_checkpoint(str(path))]
-        with safe_globals(stubs):
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets one clear line
-        raise PatchSAEError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:200]})") from None
+    obj = load_pickled(path, "MaPLe checkpoint")
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict):
         raise PatchSAEError(f"{path}: expected a dict with a 'state_dict', got {type(obj).__name__}")
@@ -319,7 +298,7 @@ def load_adapted(clip: ClipModel, prompts_path: str | Path, ctx_init: str | None
         try:
             sd = load_file(str(path))
         except Exception as exc:  # noqa: BLE001
-            raise PatchSAEError(f"{path}: not a readable safetensors file ({exc})") from None
+            raise PatchSAEError(f"{path}: not a readable safetensors file ({one_line(exc)})") from None
         cfg_file = path.parent / CONFIG_FILE
         meta = read_json(cfg_file) if cfg_file.exists() else {}
         if meta.get("model") not in (None, clip.name):

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 
 from patchsae import PatchSAEError
+from patchsae.pickles import load_pickled
+from patchsae.utils import one_line
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 HEAD_WIDTH = 64  # OpenAI: heads = width // 64 in both towers
@@ -163,12 +165,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 "loaded; convert it once where you trust it: sd = torch.jit.load(path, map_location='cpu')"
                 ".state_dict(), then safetensors.torch.save_file(sd, 'clip.safetensors'), and pass that file")
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            sd = load_pickled(path, "CLIP checkpoint")
     except PatchSAEError:
         raise
-    except Exception as exc:  # truncated or foreign files fail in many library-specific ways
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise PatchSAEError(f"cannot read checkpoint {path}: {reason}") from None
+    except Exception as exc:  # truncated or foreign safetensors files fail in many library-specific ways
+        raise PatchSAEError(f"cannot read checkpoint {path}: {one_line(exc)}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]
