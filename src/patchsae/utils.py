@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import errno
 import json
-import math
 import os
 import tempfile
 from contextlib import contextmanager
@@ -13,26 +13,60 @@ from typing import Any, Iterator
 from patchsae import PatchSAEError
 
 
+# errors of the disk or file system, as opposed to bugs: a write failing with one of these is one error line
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM,
+                errno.ENODEV}
+
+
+def write_error(path: Path, exc: OSError) -> PatchSAEError:
+    return PatchSAEError(f"cannot write {path}: {exc.strerror or exc} (the previous version, if any, is unchanged)")
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
-    A run killed mid-write therefore leaves the previous file (or none), never half a file.
+    A run killed mid-write therefore leaves the previous file (or none), never half a file. A full disk or an
+    I/O error while writing or renaming is one PatchSAEError line naming `path`; the temporary file is removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp_path, path)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        raise write_error(path, exc) from None
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and (tmp_path.exists() or tmp_path.is_symlink()):
             tmp_path.unlink()
+
+
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file`, atomically; its I/O failures (reported by the Rust writer as
+    SafetensorError, not OSError) become the same one line as any other failed write."""
+    import re
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as exc:
+            code = re.search(r"code: (\d+)", str(exc))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -139,8 +173,8 @@ def _typed(value: Any, hint: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63:
             return value
     elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e308:
+            return float(value)  # (the bound, not isfinite: isfinite overflows on integers beyond a float)
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -157,5 +191,5 @@ def _name(hint: Any) -> str:
 
 
 def _shown(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+    text = str(value) if isinstance(value, (int, float)) else json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."

@@ -175,7 +175,7 @@ def _open_shard(folder: Path, s: dict, m: dict) -> tuple[np.ndarray, np.ndarray]
     try:
         acts = np.load(folder / s["file"], mmap_mode="r", allow_pickle=False)
         index = np.load(folder / s["index_file"], allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
+    except Exception as exc:  # noqa: BLE001 - NumPy's header parser fails in many ways (even SyntaxError)
         raise PatchSAEError(f"{folder}: unreadable shard {s['file']} ({one_line(exc)}); "
                             "run the cache stage again in a new folder") from None
     if acts.shape != want or acts.dtype != np.float16:

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from patchsae import PatchSAEError
+from patchsae.analysis.figures import listed_figures
 from patchsae.explorer.session import STATIC_DIR, Explorer, NotAnImage, UnknownImage
 
 MAX_UPLOAD = 10 * 1024 * 1024
@@ -178,8 +179,7 @@ def create_app(explorer: Explorer, max_upload: int = MAX_UPLOAD):
 
 
 def _figures(explorer: Explorer) -> list[Path]:
-    folder = explorer.run.figures_dir
-    return [p for p in folder.iterdir() if p.suffix == ".png" and p.is_file()] if folder.is_dir() else []
+    return listed_figures(explorer.run.figures_dir)
 
 
 def check_listen(host: str, port: int) -> None:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from patchsae import PatchSAEError
 from patchsae.models.clip import ClipModel, TokenLayout
 from patchsae.pickles import load_pickled
-from patchsae.utils import atomic_path, one_line, read_json, write_json
+from patchsae.utils import one_line, read_json_file, write_json, write_safetensors
 
 PROMPTS_FILE = "prompts.safetensors"
 CONFIG_FILE = "config.json"
@@ -218,12 +218,9 @@ def build_maple(clip: ClipModel, cfg: MapleConfig = MapleConfig(), seed: int = 0
 
 def save_prompts(folder: str | Path, model: MapleModel, meta: dict | None = None) -> Path:
     """folder/prompts.safetensors (official parameter names) + folder/config.json (written last)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.prompts.state_dict().items()}
-    with atomic_path(folder / PROMPTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    write_safetensors(folder / PROMPTS_FILE, tensors, {"format": FORMAT})
     write_json(folder / CONFIG_FILE, {"format": FORMAT, "model": model.base.name, **asdict(model.cfg),
                                       "d_text": int(model.prompts.ctx.shape[1]), "d_vision": model.d_model,
                                       **(meta or {})})
@@ -241,8 +238,11 @@ def prompts_from_state_dict(sd: dict[str, torch.Tensor]) -> MaplePrompts:
     n_proj = len({k.rsplit(".", 1)[0] for k in sd if k.startswith("compound_prompt_projections.")})
     if n_deep != n_proj:
         raise PatchSAEError(f"checkpoint has {n_deep} compound text prompts but {n_proj} projections")
-    if "proj.weight" not in sd:
-        raise PatchSAEError("no MaPLe projection 'proj.weight' in the checkpoint")
+    if "proj.weight" not in sd or sd["proj.weight"].dim() != 2:
+        raise PatchSAEError("no MaPLe projection 'proj.weight' (a matrix) in the checkpoint")
+    bad = sorted(k for k, v in sd.items() if not (v.is_floating_point() and torch.isfinite(v).all()))
+    if bad:
+        raise PatchSAEError(f"MaPLe checkpoint tensors {bad[:5]} are not finite floating-point values")
     prompts = MaplePrompts(ctx, 1 + n_deep, sd["proj.weight"].shape[0])
     want = prompts.state_dict()
     missing = sorted(set(want) - set(sd))
@@ -300,7 +300,7 @@ def load_adapted(clip: ClipModel, prompts_path: str | Path, ctx_init: str | None
         except Exception as exc:  # noqa: BLE001
             raise PatchSAEError(f"{path}: not a readable safetensors file ({one_line(exc)})") from None
         cfg_file = path.parent / CONFIG_FILE
-        meta = read_json(cfg_file) if cfg_file.exists() else {}
+        meta = read_config(path.parent)
         if meta.get("model") not in (None, clip.name):
             raise PatchSAEError(f"the prompts in {path.parent} were trained on {meta['model']}, not {clip.name}")
         source = f"{clip.name}+maple:{path.parent}"
@@ -315,4 +315,10 @@ def load_adapted(clip: ClipModel, prompts_path: str | Path, ctx_init: str | None
 def read_config(folder: str | Path) -> dict:
     """The config.json `patchsae adapt` wrote beside the prompts ({} for official checkpoints)."""
     cfg_file = Path(folder) / CONFIG_FILE
-    return read_json(cfg_file) if Path(folder).is_dir() and cfg_file.exists() else {}
+    if not (Path(folder).is_dir() and cfg_file.exists()):
+        return {}
+    meta = read_json_file(cfg_file, "MaPLe prompt config")
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k, ""), str) for k in ("model", "ctx_init")):
+        raise PatchSAEError(f"{cfg_file}: damaged MaPLe prompt config (expected an object with text 'model' and "
+                            "'ctx_init')")
+    return meta

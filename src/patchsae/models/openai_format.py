@@ -77,7 +77,16 @@ def _check_vit(sd: dict) -> None:
 
 
 def config_from_state_dict(sd: dict):
-    """A `CLIPConfig` derived from tensor shapes alone (works on meta or empty tensors)."""
+    """A `CLIPConfig` derived from tensor shapes alone (works on meta or empty tensors); shapes that describe no
+    ViT CLIP (a 0-d tensor where a matrix belongs, widths that are no multiple of the 64-wide heads) are one
+    error line."""
+    try:
+        return _config_from_shapes(sd)
+    except (IndexError, ValueError, TypeError, ZeroDivisionError) as exc:
+        raise PatchSAEError(f"tensor shapes do not describe a ViT CLIP ({one_line(exc)})") from None
+
+
+def _config_from_shapes(sd: dict):
     from transformers import CLIPConfig
 
     _check_vit(sd)
@@ -91,6 +100,8 @@ def config_from_state_dict(sd: dict):
     if grid * grid + 1 != n_pos:
         raise PatchSAEError(f"visual.positional_embedding has {n_pos} rows: not 1 + a square patch grid")
     text_width = sd["ln_final.weight"].shape[0]
+    if not (width > 0 and text_width > 0 and width % HEAD_WIDTH == 0 and text_width % HEAD_WIDTH == 0):
+        raise ValueError(f"widths {width} and {text_width} must be positive multiples of {HEAD_WIDTH}")
     vocab = sd["token_embedding.weight"].shape[0]
     act = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5)
     return CLIPConfig(

@@ -12,17 +12,16 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from patchsae import PatchSAEError
 from patchsae.sae.model import SAE, SAEConfig
-from patchsae.utils import atomic_path, dataclass_from_json, one_line, read_json_file, write_json
+from patchsae.utils import dataclass_from_json, one_line, read_json_file, write_json, write_safetensors
 
 
 def save_sae(folder: str | Path, sae: SAE, extra: dict | None = None) -> None:
     folder = Path(folder)
-    with atomic_path(folder / "model.safetensors") as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(tmp))
+    write_safetensors(folder / "model.safetensors",
+                      {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()})
     write_json(folder / "config.json", {"sae": sae.cfg.to_json(), **(extra or {})})
 
 
@@ -94,8 +93,7 @@ def save_training_state(path: str | Path, sae: SAE, opt: torch.optim.Optimizer, 
                     opt_meta[f"{names[id(p)]}.{key}"] = float(val)
     tensors["since_fired"] = since_fired_S.contiguous().cpu()
     meta = {"step": str(step), "opt": json.dumps(opt_meta), "info": json.dumps(info)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    write_safetensors(path, tensors, meta)
 
 
 def load_training_state(path: str | Path, sae: SAE, opt: torch.optim.Optimizer) -> tuple[int, torch.Tensor, dict]:
@@ -113,11 +111,15 @@ def load_training_state(path: str | Path, sae: SAE, opt: torch.optim.Optimizer) 
     except (SafetensorError, OSError, KeyError, TypeError, ValueError, RecursionError) as exc:
         raise PatchSAEError(f"{path}: unreadable training checkpoint ({one_line(exc)})") from None
     if step < 0 or not isinstance(info, dict) or not isinstance(opt_meta, dict) or not all(
-            k.rsplit(".", 1)[0] in params and isinstance(v, (int, float)) and math.isfinite(v)
-            for k, v in opt_meta.items()):
+            k.rsplit(".", 1)[0] in params and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+            and float(v).is_integer() for k, v in opt_meta.items()):
         raise PatchSAEError(f"{path}: unreadable training checkpoint (bad step, optimiser or info metadata)")
-    expected.update({f"opt.{n}.{key}": tuple(p.shape) for n, p in params.items()
-                     for key in ("exp_avg", "exp_avg_sq") if f"opt.{n}.{key}" in names})
+    for n, p in params.items():  # Adam's state of a parameter is all of (step, both moments) or nothing
+        has = [f"opt.{n}.exp_avg" in names, f"opt.{n}.exp_avg_sq" in names, f"{n}.step" in opt_meta]
+        if any(has) and not all(has):
+            raise PatchSAEError(f"{path}: unreadable training checkpoint (incomplete optimiser state of {n})")
+        if all(has):
+            expected.update({f"opt.{n}.exp_avg": tuple(p.shape), f"opt.{n}.exp_avg_sq": tuple(p.shape)})
     tensors = read_tensors(Path(path), expected, "does not match this SAE's shape", ("since_fired",))
     sae.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     # through load_state_dict, which gives each optimiser implementation (fused or not) its own state layout
