@@ -50,23 +50,48 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def write_safetensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:
-    """`safetensors.torch.save_file`, atomically; its I/O failures (reported by the Rust writer as
-    SafetensorError, not OSError) become the same one line as any other failed write."""
-    import re
+def tensors_digest(tensors: dict) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes, in name order: the same tensors give the same digest, so
+    a file pair (weights + config) can say that both halves come from one save, and reruns stay bit-identical."""
+    import hashlib
 
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    import torch
 
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-        except SafetensorError as exc:
-            code = re.search(r"code: (\d+)", str(exc))
-            if code is None:
-                raise
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
+
+
+SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                      "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> str:
+    """A safetensors file, written atomically and byte for byte reproducibly: the same tensors and metadata
+    always give the same bytes (the library's own writer orders metadata keys differently on every call), with
+    the tensors' digest in the metadata (returned, for a config written beside it to name). A full disk is a
+    plain OSError here, so `atomic_path` turns it into one line naming the file."""
+    import torch
+
+    digest = tensors_digest(tensors)
+    flat = {name: tensors[name].detach().contiguous().cpu() for name in sorted(tensors)}
+    header, offset = {"__metadata__": dict(sorted({**(metadata or {}), "digest": digest}.items()))}, 0
+    for name, t in flat.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[str(t.dtype).removeprefix("torch.")], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes
+    with atomic_path(path) as tmp, tmp.open("wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for t in flat.values():
+            if t.numel():
+                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+    return digest
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -220,8 +220,9 @@ def save_prompts(folder: str | Path, model: MapleModel, meta: dict | None = None
     """folder/prompts.safetensors (official parameter names) + folder/config.json (written last)."""
     folder = Path(folder)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.prompts.state_dict().items()}
-    write_safetensors(folder / PROMPTS_FILE, tensors, {"format": FORMAT})
-    write_json(folder / CONFIG_FILE, {"format": FORMAT, "model": model.base.name, **asdict(model.cfg),
+    digest = write_safetensors(folder / PROMPTS_FILE, tensors, {"format": FORMAT})
+    write_json(folder / CONFIG_FILE, {"format": FORMAT, "model": model.base.name, "weights_digest": digest,
+                                      **asdict(model.cfg),
                                       "d_text": int(model.prompts.ctx.shape[1]), "d_vision": model.d_model,
                                       **(meta or {})})
     return folder
@@ -301,6 +302,9 @@ def load_adapted(clip: ClipModel, prompts_path: str | Path, ctx_init: str | None
             raise PatchSAEError(f"{path}: not a readable safetensors file ({one_line(exc)})") from None
         cfg_file = path.parent / CONFIG_FILE
         meta = read_config(path.parent)
+        if meta.get("weights_digest") not in (None, file_digest(path)):
+            raise PatchSAEError(f"{path} is not the file {path.parent / CONFIG_FILE} was saved with (a save was "
+                                "cut short, or files were mixed); run adapt again")
         if meta.get("model") not in (None, clip.name):
             raise PatchSAEError(f"the prompts in {path.parent} were trained on {meta['model']}, not {clip.name}")
         source = f"{clip.name}+maple:{path.parent}"
@@ -312,13 +316,22 @@ def load_adapted(clip: ClipModel, prompts_path: str | Path, ctx_init: str | None
     return MapleModel(clip, prompts, init, source)
 
 
+def file_digest(path: Path) -> str | None:
+    """The digest write_safetensors put in the header (the file was already read, so it opens)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("digest")
+
+
 def read_config(folder: str | Path) -> dict:
     """The config.json `patchsae adapt` wrote beside the prompts ({} for official checkpoints)."""
     cfg_file = Path(folder) / CONFIG_FILE
     if not (Path(folder).is_dir() and cfg_file.exists()):
         return {}
     meta = read_json_file(cfg_file, "MaPLe prompt config")
-    if not isinstance(meta, dict) or not all(isinstance(meta.get(k, ""), str) for k in ("model", "ctx_init")):
-        raise PatchSAEError(f"{cfg_file}: damaged MaPLe prompt config (expected an object with text 'model' and "
-                            "'ctx_init')")
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k, ""), str)
+                                             for k in ("model", "ctx_init", "weights_digest")):
+        raise PatchSAEError(f"{cfg_file}: damaged MaPLe prompt config (expected an object with text 'model', "
+                            "'ctx_init' and 'weights_digest')")
     return meta

@@ -20,9 +20,10 @@ from patchsae.utils import dataclass_from_json, one_line, read_json_file, write_
 
 def save_sae(folder: str | Path, sae: SAE, extra: dict | None = None) -> None:
     folder = Path(folder)
-    write_safetensors(folder / "model.safetensors",
-                      {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()})
-    write_json(folder / "config.json", {"sae": sae.cfg.to_json(), **(extra or {})})
+    digest = write_safetensors(folder / "model.safetensors",
+                               {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()})
+    # written last, naming the weights it belongs to: a save cut between the two files is never taken as an SAE
+    write_json(folder / "config.json", {"sae": sae.cfg.to_json(), "weights_digest": digest, **(extra or {})})
 
 
 def load_sae(folder: str | Path, d_model: int | None = None) -> tuple[SAE, dict]:
@@ -33,8 +34,8 @@ def load_sae(folder: str | Path, d_model: int | None = None) -> tuple[SAE, dict]
     if not cfg_file.exists() or not weights.exists():
         raise PatchSAEError(f"no trained SAE in {folder} (expected config.json and model.safetensors)")
     meta = read_json_file(cfg_file, "SAE config")
-    if not isinstance(meta, dict) or "sae" not in meta:
-        raise PatchSAEError(f"{cfg_file}: unreadable SAE config (no 'sae' object)")
+    if not isinstance(meta, dict) or "sae" not in meta or not isinstance(meta.get("weights_digest", ""), str):
+        raise PatchSAEError(f"{cfg_file}: unreadable SAE config (no 'sae' object, or a bad 'weights_digest')")
     cfg = dataclass_from_json(SAEConfig, meta["sae"], f"{cfg_file} 'sae'")
     if cfg.d_model < 1 or cfg.d_sae < 1:
         raise PatchSAEError(f"{cfg_file}: d_model and d_sae must be positive, not {cfg.d_model} and {cfg.d_sae}")
@@ -44,18 +45,23 @@ def load_sae(folder: str | Path, d_model: int | None = None) -> tuple[SAE, dict]
         )
     with torch.device("meta"):  # the expected tensor table, without allocating d_model x d_sae floats
         expected = {k: tuple(v.shape) for k, v in SAE(cfg).state_dict().items()}
-    state = read_tensors(weights, expected, f"does not match its config (d_model={cfg.d_model}, d_sae={cfg.d_sae})")
+    state = read_tensors(weights, expected, f"does not match its config (d_model={cfg.d_model}, d_sae={cfg.d_sae})",
+                         digest=meta.get("weights_digest"))
     sae = SAE(cfg)
     sae.load_state_dict(state)
     return sae, meta
 
 
-def read_tensors(path: Path, expected: dict[str, tuple], mismatch: str, counters: tuple[str, ...] = ()
-                 ) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path, expected: dict[str, tuple], mismatch: str, counters: tuple[str, ...] = (),
+                 digest: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file that must hold exactly `expected` (name -> shape): finite floats, or
-    integers for the names in `counters`; the table in its header is compared before any tensor is read."""
+    integers for the names in `counters`; the table in its header is compared before any tensor is read.
+    `digest`: the one a config written beside the file recorded, which the file's header must repeat."""
     try:
         with safe_open(str(path), framework="pt") as f:
+            if digest is not None and (f.metadata() or {}).get("digest") != digest:
+                raise PatchSAEError(f"{path} is not the file its config.json was saved with (a save was cut "
+                                    "short, or files were mixed); save or train again")
             got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             if got != expected:
                 bad = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
