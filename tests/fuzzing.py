@@ -23,7 +23,7 @@ from patchsae.utils import UNSAFE_ADVICE
 
 _COMMON = dict(deadline=None, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
-settings.register_profile("ci", max_examples=int(os.environ.get("PATCHSAE_FUZZ_CI_CASES", "25")), derandomize=True,
+settings.register_profile("ci", max_examples=int(os.environ.get("PATCHSAE_FUZZ_CI_CASES", "15")), derandomize=True,
                           **_COMMON)
 settings.register_profile("full", max_examples=int(os.environ.get("PATCHSAE_FUZZ_CASES", "1000")), **_COMMON)
 PROFILE = os.environ.get("PATCHSAE_FUZZ", "ci")

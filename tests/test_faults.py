@@ -277,3 +277,29 @@ def test_figure_endpoint_serves_only_listed_pngs(explorer_run):
     site = explorer_run.path / "site"
     write_report(Explorer(explorer_run), site, top=2, class_top=1)
     assert sorted(p.name for p in (site / "figures").iterdir()) == real
+
+
+# ---- error lines never advise an unsafe action ----------------------------------------------------------------
+
+@pytest.mark.parametrize("module,name", [("os", "system"), ("builtins", "exec"), ("subprocess", "call")])
+def test_malicious_checkpoint_error_gives_no_unsafe_advice(tiny, tmp_path, capsys, module, name):
+    """A .pt / .pth.tar whose unpickling would run a command: the CLI prints one line that names the file and
+    what it would call, never torch's advice to re-run with weights_only=False; the command never runs."""
+    from fuzzing import payload_object, torch_bytes
+
+    from patchsae import cli
+    from patchsae.models.maple import load_adapted
+    from patchsae.utils import UNSAFE_ADVICE
+
+    mark = tmp_path / "ran"
+    payload = {"state_dict": {"prompt_learner.ctx": torch.zeros(2, 32)}, "scheduler": payload_object(module, name, mark)}
+    for path in (tmp_path / "clip.pt", tmp_path / "model.pth.tar-2"):
+        path.write_bytes(torch_bytes(payload, legacy=path.suffix == ".pt"))
+    assert cli.main(["cache", "--run", str(tmp_path / "run"), "--model", str(tmp_path / "clip.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("patchsae: error:") and "clip.pt" in err
+    with pytest.raises(PatchSAEError) as exc:
+        load_adapted(tiny, tmp_path / "model.pth.tar-2")
+    for msg in (err, str(exc.value)):
+        assert not any(a in msg for a in UNSAFE_ADVICE) and "weights_only" not in msg, msg
+    assert not mark.exists()

@@ -40,7 +40,10 @@ def load_pickled(path: str | Path, what: str = "checkpoint") -> Any:
     if not path.is_file():
         raise PatchSAEError(f"{what} {path}: no such file")
     try:
-        stubs = [(Inert, name) for name in get_unsafe_globals_in_checkpoint(str(path))]
+        try:
+            stubs = [(Inert, name) for name in get_unsafe_globals_in_checkpoint(str(path))]
+        except (ValueError, RuntimeError):  # torch's pre-1.6 (non-zip) format cannot be scanned: no stand-ins
+            stubs = []
         with safe_globals(stubs):
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated or hostile files fail in many library-specific ways
