@@ -1,0 +1,94 @@
+"""SIGKILL a stage at chosen moments (tests/test_kill.py): the stage runs in a forked child of the test process
+(torch already imported, so a run costs its work, not an interpreter start) and is killed with SIGKILL, either
+at its k-th file write (half the bytes written into the temporary file, or just after the rename) or after a
+delay. Then the same command reruns to completion and its files are compared with an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _install_write_killer(kill_at: int, when: str, counter: list) -> None:
+    """Patch `atomic_path` in every loaded patchsae module so that the child kills itself at write `kill_at`."""
+    from patchsae import utils
+
+    real = utils.atomic_path
+
+    @contextmanager
+    def killing(path):
+        n = counter[0]
+        counter[0] += 1
+        with real(path) as tmp:
+            yield tmp
+            if n == kill_at and when == "mid":
+                data = tmp.read_bytes() if tmp.exists() else b""
+                tmp.write_bytes(data[: len(data) // 2])
+                _kill_self()
+        if n == kill_at and when == "after":
+            _kill_self()
+
+    for mod in list(sys.modules.values()):
+        if getattr(mod, "__name__", "").startswith("patchsae") and getattr(mod, "atomic_path", None) is real:
+            setattr(mod, "atomic_path", killing)
+
+
+def run_forked(argv: list[str], kill_at: int | None = None, when: str = "mid", delay: float | None = None,
+               count_file: Path | None = None) -> int:
+    """Run `patchsae argv` in a forked child; return how it ended: the exit code, or -9 when it was killed.
+    `count_file`: the child writes the number of atomic writes it made there (to choose kill points)."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            import torch
+
+            torch.set_num_threads(1)
+            counter = [0]
+            _install_write_killer(kill_at if kill_at is not None else -1, when, counter)
+            from patchsae import cli
+
+            code = cli.main(argv)
+            if count_file is not None:
+                count_file.write_text(str(counter[0]))
+        except BaseException:  # noqa: BLE001 - report and leave with a failure code, never unwind into pytest
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    if delay is not None:
+        end = time.monotonic() + delay
+        while time.monotonic() < end:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def files(folder: Path, ignore: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Every file under `folder` (relative name -> bytes), minus names matching `ignore` suffixes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not str(p.relative_to(folder)).endswith(ignore)}
+
+
+def fresh_copy(src: Path, dst: Path) -> Path:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, symlinks=True)
+    return dst

@@ -1,0 +1,84 @@
+"""Kill at any stage (issue 17): each stage of a tiny random-CLIP run is SIGKILLed in a forked child at
+several moments (half-way through a file write, just after a write, after a delay), then rerun; the rerun
+completes and every file of the run equals an uninterrupted run's, byte for byte.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from killing import files, fresh_copy, run_forked
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SIZES = ["--max-train-images", "48", "--max-eval-images", "16", "--expansion", "4", "--warmup-steps", "5",
+         "--batch-tokens", "256"]
+
+
+def stage_argv(stage: str, run: Path, model: Path) -> list[str]:
+    return {
+        "cache": ["cache", "--run", str(run), "--model", str(model), *SIZES, "--batch-images", "16"],
+        "train": ["train", "--run", str(run)],
+    }[stage]
+
+
+PREVIOUS = {"cache": None, "train": "cache"}  # the stage whose finished run a stage starts from
+
+
+@pytest.fixture(scope="module")
+def stages(tiny_clip_dir, tmp_path_factory):
+    """Uninterrupted runs: per stage, the run directory before it and after it (snapshots on disk), and the
+    number of atomic writes it makes."""
+    root = tmp_path_factory.mktemp("kill")
+    work = root / "work" / "run"
+    out = {}
+    state = None
+    for stage in PREVIOUS:
+        before = root / f"before-{stage}"
+        if state is None:
+            before.mkdir()
+        else:
+            fresh_copy(state, before)
+        fresh_copy(before, work)
+        count = root / f"{stage}.count"
+        t = time.monotonic()
+        assert run_forked(stage_argv(stage, work, tiny_clip_dir), count_file=count) == 0
+        seconds = time.monotonic() - t
+        after = fresh_copy(work, root / f"after-{stage}")
+        out[stage] = (before, after, int(count.read_text()), seconds)
+        state = after
+    return root, work, out
+
+
+def _moments(n_writes: int, seconds: float) -> list[tuple]:
+    """Kill points: half-way through the first write, just after a middle write, half-way through the last,
+    and at a moment drawn (seeded) from the stage's uninterrupted duration, wherever the work then is."""
+    return [("mid", 0), ("after", n_writes // 2), ("mid", n_writes - 1),
+            ("delay", random.Random(n_writes).uniform(0.2, 0.9) * seconds)]
+
+
+@pytest.mark.parametrize("stage", list(PREVIOUS))
+def test_kill_and_rerun_equals_uninterrupted(stages, tiny_clip_dir, stage):
+    root, work, out = stages
+    before, after, n_writes, seconds = out[stage]
+    reference = files(after)
+    assert n_writes >= 2
+    for when, k in _moments(n_writes, seconds):
+        fresh_copy(before, work)
+        argv = stage_argv(stage, work, tiny_clip_dir)
+        if when == "delay":
+            assert run_forked(argv, delay=k) in (-9, 0)  # (a busy machine may let it finish first)
+        else:
+            assert run_forked(argv, kill_at=k, when=when) == -9
+            assert files(work) != reference or (when, k) == ("after", n_writes - 1)
+        assert run_forked(stage_argv(stage, work, tiny_clip_dir)) == 0
+        got = files(work)
+        assert got.keys() == reference.keys(), (when, k, sorted(got.keys() ^ reference.keys()))
+        diff = [name for name in reference if got[name] != reference[name]]
+        assert not diff, (when, k, diff)
+    shutil.rmtree(work)
