@@ -6,6 +6,7 @@ delay. Then the same command reruns to completion and its files are compared wit
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -81,10 +82,31 @@ def run_forked(argv: list[str], kill_at: int | None = None, when: str = "mid", d
     return os.waitstatus_to_exitcode(status)
 
 
-def files(folder: Path, ignore: tuple[str, ...] = ()) -> dict[str, bytes]:
-    """Every file under `folder` (relative name -> bytes), minus names matching `ignore` suffixes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not str(p.relative_to(folder)).endswith(ignore)}
+# JSON keys that record wall-clock time (seconds per phase): the only part of a run that is not deterministic
+TIMING_KEYS = ("seconds",)
+
+
+def _without_timing(obj):
+    if isinstance(obj, dict):
+        return {k: _without_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [_without_timing(v) for v in obj]
+    return obj
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`: relative name -> bytes (JSON files without their timing keys)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.suffix == ".json":
+                try:
+                    data = json.dumps(_without_timing(json.loads(data)), sort_keys=True).encode()
+                except ValueError:
+                    pass
+            out[str(p.relative_to(folder))] = data
+    return out
 
 
 def fresh_copy(src: Path, dst: Path) -> Path:

@@ -13,6 +13,7 @@ report leaves the previous site (or none), never half of one.
 
 from __future__ import annotations
 
+import glob
 import json
 import shutil
 import tempfile
@@ -80,6 +81,8 @@ def write_report(ex: Explorer, out: str | Path, top: int = 50, class_top: int = 
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
+        for stale in out.parent.glob(f".{glob.escape(out.name)}.*"):  # left by a killed earlier report
+            shutil.rmtree(stale, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**info, "index": str(out / "index.html")}
