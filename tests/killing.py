@@ -1,4 +1,5 @@
-"""SIGKILL a stage at chosen moments (tests/test_kill.py): the stage runs in a forked child of the test process
+"""Interrupting stages in tests: a full disk or I/O error at the k-th write (`WriteFault`, in-process), and
+SIGKILL at chosen moments (tests/test_kill.py): the stage runs in a forked child of the test process
 (torch already imported, so a run costs its work, not an interpreter start) and is killed with SIGKILL, either
 at its k-th file write (half the bytes written into the temporary file, or just after the rename) or after a
 delay. Then the same command reruns to completion and its files are compared with an uninterrupted run's.
@@ -6,6 +7,7 @@ delay. Then the same command reruns to completion and its files are compared wit
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,6 +16,63 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def import_all() -> None:
+    """Import every patchsae module now (stages import theirs lazily)."""
+    import importlib
+    import pkgutil
+
+    import patchsae
+
+    for info in pkgutil.walk_packages(patchsae.__path__, "patchsae."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+
+
+FAULTS = {"ENOSPC": (errno.ENOSPC, "No space left on device"), "EIO": (errno.EIO, "Input/output error")}
+
+
+class WriteFault:
+    """Patches `atomic_path` everywhere it was imported: the `fail_at`-th write (0-based) has half its bytes
+    written, then fails with `fault`; `where` = "write" fails inside the write, "rename" at the final rename."""
+
+    def __init__(self, monkeypatch, fail_at: int | None, fault: str = "ENOSPC", where: str = "write"):
+        self.calls, self.paths, self.fail_at, self.fault, self.where = 0, [], fail_at, FAULTS[fault], where
+        from patchsae import utils
+
+        import_all()  # a module first imported while patched would keep the faulty writer after the test
+
+        real = utils.atomic_path
+        outer = self
+
+        @contextmanager
+        def faulty(path):
+            n = outer.calls
+            outer.calls += 1
+            outer.paths.append(Path(path))
+            with real(path) as tmp:
+                yield tmp
+                if n == outer.fail_at:
+                    if outer.where == "write":
+                        data = tmp.read_bytes() if tmp.exists() else b""
+                        tmp.write_bytes(data[: len(data) // 2])
+                        raise OSError(*outer.fault)
+                    monkeypatch.setattr(utils.os, "replace", _failing_replace(outer.fault))
+
+        for mod in list(sys.modules.values()):
+            if getattr(mod, "__name__", "").startswith("patchsae") and getattr(mod, "atomic_path", None) is real:
+                monkeypatch.setattr(mod, "atomic_path", faulty)
+
+
+def _failing_replace(fault):
+    real = os.replace
+
+    def replace(src, dst):
+        os.replace = real  # only this one rename fails
+        raise OSError(*fault)
+
+    return replace
 
 
 def _kill_self() -> None:

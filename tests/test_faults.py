@@ -29,50 +29,9 @@ from patchsae.data.digits import Digits
 from patchsae.models.load import load_model
 from patchsae.sae.checkpoint import load_sae, load_training_state, save_sae, save_training_state
 from patchsae.sae.model import SAE, SAEConfig
-from patchsae import utils
+from killing import WriteFault
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-FAULTS = {"ENOSPC": (errno.ENOSPC, "No space left on device"), "EIO": (errno.EIO, "Input/output error")}
-
-
-class WriteFault:
-    """Patches `atomic_path` everywhere it was imported: the `fail_at`-th write (0-based) has half its bytes
-    written, then fails with `fault`; `where` = "write" fails inside the write, "rename" at the final rename."""
-
-    def __init__(self, monkeypatch, fail_at: int | None, fault: str = "ENOSPC", where: str = "write"):
-        self.calls, self.paths, self.fail_at, self.fault, self.where = 0, [], fail_at, FAULTS[fault], where
-        real = utils.atomic_path
-        outer = self
-
-        @contextmanager
-        def faulty(path):
-            n = outer.calls
-            outer.calls += 1
-            outer.paths.append(Path(path))
-            with real(path) as tmp:
-                yield tmp
-                if n == outer.fail_at:
-                    if outer.where == "write":
-                        data = tmp.read_bytes() if tmp.exists() else b""
-                        tmp.write_bytes(data[: len(data) // 2])
-                        raise OSError(*outer.fault)
-                    monkeypatch.setattr(utils.os, "replace", _failing_replace(outer.fault))
-
-        for mod in list(sys.modules.values()):
-            if getattr(mod, "__name__", "").startswith("patchsae") and getattr(mod, "atomic_path", None) is real:
-                monkeypatch.setattr(mod, "atomic_path", faulty)
-
-
-def _failing_replace(fault):
-    real = os.replace
-
-    def replace(src, dst):
-        os.replace = real  # only this one rename fails
-        raise OSError(*fault)
-
-    return replace
-
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

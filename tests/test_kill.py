@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from killing import files, fresh_copy, run_forked
+from killing import WriteFault, files, fresh_copy, run_forked
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,6 +36,8 @@ def stage_argv(stage: str, run: Path, model: Path) -> list[str]:
         "report": ["report", "--run", str(run), "--out", str(run / "site"), "--top", "3", "--class-top", "1"],
     }[stage]
 
+
+RESUME_RECORDS = ("progress.json", ".done.json")  # what an unfinished extraction keeps to resume from
 
 # each stage starts from the finished run of the stage before it in this order
 PREVIOUS = {"cache": None, "train": "cache", "analyze": "train", "classify": "analyze", "adapt": "classify",
@@ -96,3 +98,29 @@ def test_kill_and_rerun_equals_uninterrupted(stages, tiny_clip_dir, stage):
         diff = [name for name in reference if got[name] != reference[name]]
         assert not diff, (when, k, diff)
     shutil.rmtree(work)
+
+
+@pytest.mark.parametrize("stage,fault", [("cache", "ENOSPC"), ("train", "EIO"), ("analyze", "ENOSPC"),
+                                         ("adapt", "ENOSPC")])
+def test_disk_full_at_a_stage_write(stages, tiny_clip_dir, stage, fault, monkeypatch, capsys):
+    """A full disk (or I/O error) at a middle write of the stage: `patchsae` exits 2 with one line naming the
+    file; the run's earlier files are unchanged, every file present is complete (byte-identical to the
+    uninterrupted run's), none is left half-written; the rerun completes and equals the uninterrupted run."""
+    from patchsae import cli
+
+    root, work, out = stages
+    before, after, n_writes, _ = out[stage]
+    reference, earlier = files(after), files(before)
+    fresh_copy(before, work)
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        f = WriteFault(m, n_writes // 2, fault)
+        assert cli.main(stage_argv(stage, work, tiny_clip_dir)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("patchsae: error: cannot write ") and str(f.paths[n_writes // 2]) in err, err
+    got = files(work)
+    assert all(got.get(name) == data for name, data in earlier.items())
+    partial = sorted(name for name in got if got[name] != reference.get(name) and not name.endswith(RESUME_RECORDS))
+    assert not partial, partial
+    assert cli.main(stage_argv(stage, work, tiny_clip_dir)) == 0
+    assert files(work) == reference
