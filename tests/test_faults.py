@@ -251,7 +251,8 @@ def test_malicious_checkpoint_error_gives_no_unsafe_advice(tiny, tmp_path, capsy
     from patchsae.utils import UNSAFE_ADVICE
 
     mark = tmp_path / "ran"
-    payload = {"state_dict": {"prompt_learner.ctx": torch.zeros(2, 32)}, "scheduler": payload_object(module, name, mark)}
+    payload = {"state_dict": {"prompt_learner.ctx": torch.zeros(2, 32)},
+               "scheduler": payload_object(module, name, mark)}
     for path in (tmp_path / "clip.pt", tmp_path / "model.pth.tar-2"):
         path.write_bytes(torch_bytes(payload, legacy=path.suffix == ".pt"))
     assert cli.main(["cache", "--run", str(tmp_path / "run"), "--model", str(tmp_path / "clip.pt")]) == 2
