@@ -39,7 +39,7 @@ def serve_main(run: str, port: int) -> None:
 
     from patchsae.explorer.server import Limits, create_app
     from patchsae.explorer.session import Explorer
-    from patchsae.run import Run
+    from patchsae.runs import Run
 
     import torch
 
@@ -51,9 +51,10 @@ def serve_main(run: str, port: int) -> None:
 def build_run(folder: Path) -> str:
     import torch
 
-    from patchsae.analysis.analyze import AnalyzeOptions, stage_analyze
     from patchsae.models.load import load_model
-    from patchsae.run import Run, RunConfig
+    from patchsae.runs import Run, RunConfig
+    from patchsae.stages.analyze import AnalyzeOptions
+    from patchsae.stages.analyze import run as stage_analyze
     from patchsae.sae.checkpoint import save_sae
     from patchsae.sae.model import SAE, SAEConfig
 

@@ -192,8 +192,9 @@ def test_class_counts_are_strictly_above_tau(tau):
 
 @pytest.fixture(scope="module")
 def explorer_run(tiny_clip_dir, tmp_path_factory):
-    from patchsae.analysis.analyze import AnalyzeOptions, stage_analyze
-    from patchsae.run import Run, RunConfig
+    from patchsae.runs import Run, RunConfig
+    from patchsae.stages.analyze import AnalyzeOptions
+    from patchsae.stages.analyze import run as stage_analyze
 
     run = Run(tmp_path_factory.mktemp("figures") / "run")
     run.init(RunConfig(model=str(tiny_clip_dir)), {})
@@ -263,3 +264,28 @@ def test_malicious_checkpoint_error_gives_no_unsafe_advice(tiny, tmp_path, capsy
     for msg in (err, str(exc.value)):
         assert not any(a in msg for a in UNSAFE_ADVICE) and "weights_only" not in msg, msg
     assert not mark.exists()
+
+
+# ---- preprocessing work is bounded by the crop, not by the image's aspect ratio -----------------------------
+
+def test_preprocess_of_an_extreme_strip_stays_small(monkeypatch):
+    """A 1 x 200,000 PNG is 1 KB; resizing its short side to 28 px before cropping would build a 28 x 5.6 M
+    image (470 MB). Every image the preprocessing makes is at most the crop, and a constant strip still gives
+    the constant (value / 255 - mean) / std everywhere."""
+    from PIL import Image
+
+    from patchsae.models.clip import CLIP_MEAN, CLIP_STD, Preprocess
+
+    made = []
+    real = Image.Image.resize
+
+    def resize(self, size, *args, **kwargs):
+        made.append(size)
+        return real(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", resize)
+    for size in ((1, 200_000), (200_000, 3)):
+        x = Preprocess(28)([Image.new("L", size, 77)])
+        assert x.shape == (1, 3, 28, 28) and all(w * h <= 28 * 28 for w, h in made), made
+        want = (77 / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+        assert torch.allclose(x[0], want[:, None, None].expand(3, 28, 28), atol=1e-5)

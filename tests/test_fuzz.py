@@ -80,11 +80,18 @@ MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I", "F", "CMYK", "YCbCr"]
 @st.composite
 def image_files(draw) -> tuple[str, bytes]:
     """(suffix, bytes): random bytes; or a real encoding of a small image in some mode, then mutated; or a PNG
-    whose header declares a huge size (with a valid header checksum, so only the size is a lie)."""
-    kind = draw(st.sampled_from(["random", "encoded", "encoded", "huge"]))
+    whose header declares a huge size (with a valid header checksum, so only the size is a lie); or a valid
+    strip of up to 200,000 x 1 pixels."""
+    kind = draw(st.sampled_from(["random", "encoded", "encoded", "huge", "strip"]))
     suffix = draw(st.sampled_from(sorted(IMAGE_SUFFIXES)))
     if kind == "random":
         return suffix, draw(st.binary(max_size=256))
+    if kind == "strip":  # a few KB that decode to an extreme aspect ratio (preprocessing must stay bounded)
+        long, short = draw(st.integers(1000, 200_000)), draw(st.integers(1, 3))
+        size = (short, long) if draw(st.booleans()) else (long, short)
+        buf = io.BytesIO()
+        Image.new("L", size, draw(st.integers(0, 255))).save(buf, format="PNG")
+        return ".png", buf.getvalue()
     fmt = draw(st.sampled_from(sorted(FORMATS)))
     w, h = draw(st.integers(1, 40)), draw(st.integers(1, 40))
     mode = draw(st.sampled_from(MODES))

@@ -101,7 +101,7 @@ def test_kill_and_rerun_equals_uninterrupted(stages, tiny_clip_dir, stage):
 
 
 @pytest.mark.parametrize("stage,fault", [("cache", "ENOSPC"), ("train", "EIO"), ("analyze", "ENOSPC"),
-                                         ("adapt", "ENOSPC")])
+                                         ("classify", "EIO"), ("adapt", "ENOSPC")])
 def test_disk_full_at_a_stage_write(stages, tiny_clip_dir, stage, fault, monkeypatch, capsys):
     """A full disk (or I/O error) at a middle write of the stage: `patchsae` exits 2 with one line naming the
     file; the run's earlier files are unchanged, every file present is complete (byte-identical to the

@@ -20,6 +20,10 @@ from patchsae import PatchSAEError
 MAX_PIXELS = 40_000_000  # images declaring more pixels are refused before decoding (decompression bombs)
 
 
+class ImageTooLarge(ValueError):
+    """An image declaring more than MAX_PIXELS pixels."""
+
+
 def open_image(source: str | Path | IO[bytes]) -> Image.Image:
     """A decoded image from a file or stream; one that declares more than MAX_PIXELS pixels is refused from its
     header, before any pixel is decoded (a 100-byte PNG can declare 65535 x 65535: 12 GB as RGB). PIL's own
@@ -27,7 +31,7 @@ def open_image(source: str | Path | IO[bytes]) -> Image.Image:
     with Image.open(source) as im:
         w, h = im.size
         if w * h > MAX_PIXELS:
-            raise ValueError(f"image of {w}x{h} pixels is larger than the {MAX_PIXELS:,} pixels allowed")
+            raise ImageTooLarge(f"image of {w}x{h} pixels is larger than the {MAX_PIXELS:,} pixels allowed")
         im.load()
         return im.copy()
 
