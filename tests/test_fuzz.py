@@ -477,3 +477,66 @@ def test_fuzz_maple_config(arena, maple_case, data):
     clip, files = maple_case
     config = data.draw(mutated_json(json.loads(files["config.json"])))
     run_case(arena, "json", {**files, "config.json": config}, lambda f: _check_prompts(clip, f))
+
+
+# ---- JSON: the run config and the analysis manifest ---------------------------------------------------------
+
+@given(st.data())
+def test_fuzz_run_config(arena, data):
+    """DIR/config.json: a load gives a RunConfig whose every field has its declared type, or one line."""
+    import typing
+    from dataclasses import fields
+
+    from patchsae.runs import Run, RunConfig
+
+    config = data.draw(mutated_json(RunConfig().to_json()))
+
+    def load(folder):
+        cfg = Run(folder).load_config()
+        hints = typing.get_type_hints(RunConfig)
+        for f in fields(RunConfig):
+            value, hint = getattr(cfg, f.name), hints[f.name]
+            allowed = tuple(a for a in typing.get_args(hint)) or (hint,)
+            assert isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed), f.name
+        return cfg
+
+    run_case(arena, "json", {"config.json": config}, load)
+
+
+def _analysis_files() -> dict[str, bytes]:
+    """A minimal analysis folder as `analyze` writes it: stats with name indices, manifest naming them."""
+    from patchsae.utils import write_safetensors
+
+    with tempfile.TemporaryDirectory() as d:
+        write_safetensors(Path(d) / "stats.safetensors", {
+            "frequency_S": torch.tensor([0.5, 0.0, 0.25, 1.0]),
+            "name_index_SN": torch.tensor([[0, 1], [-1, -1], [1, 0], [2, -1]])})
+        stats = (Path(d) / "stats.safetensors").read_bytes()
+    manifest = {"d_sae": 4, "naming": {"vocabulary": ["stripes", "dots", "edges"]}, "tau": 0.2, "k": 10}
+    return {"analysis/stats.safetensors": stats, "analysis/manifest.json": json.dumps(manifest).encode()}
+
+
+ANALYSIS_FILES = _analysis_files()
+
+
+@given(st.data())
+def test_fuzz_analysis_manifest(arena, data):
+    """The analysis reader: damaged output reads as absent (None: `analyze` writes it again) or as an analysis
+    whose every latent has a name; never an exception."""
+    from patchsae.runs import Run
+    from patchsae.runs.artefacts import read_analysis
+
+    files = dict(ANALYSIS_FILES)
+    if data.draw(st.booleans()):
+        files["analysis/manifest.json"] = data.draw(mutated_json(json.loads(files["analysis/manifest.json"])))
+    else:
+        files["analysis/stats.safetensors"] = data.draw(safetensors_lies(files["analysis/stats.safetensors"]))
+
+    def load(folder):
+        found = read_analysis(Run(folder), 4)
+        if found is not None:
+            names = found.names()
+            assert len(names) == 4 and all(isinstance(n, str) for n in names)
+        return found
+
+    run_case(arena, "json", files, load)

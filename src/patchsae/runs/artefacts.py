@@ -106,7 +106,8 @@ def read_analysis(run: Run, d_sae: int, want: dict | None = None) -> Analysis | 
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         return None
     ok = all(k in tensors and len(tensors[k]) == d_sae for k in ("frequency_S", "name_index_SN")) and \
-        tensors["name_index_SN"].dim() == 2 and tensors["name_index_SN"].lt(len(names)).all()
+        tensors["name_index_SN"].dim() == 2 and tensors["name_index_SN"].dtype in (torch.int64, torch.int32) and \
+        tensors["name_index_SN"].lt(len(names)).all()
     return Analysis(manifest, tensors) if ok else None
 
 
