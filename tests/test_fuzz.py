@@ -145,6 +145,21 @@ def test_fuzz_image_folder(arena, case):
         assert skips.count == 1
 
 
+@given(image_files())
+def test_fuzz_explorer_upload(arena, case):
+    """The explorer's upload decoding: an image that preprocesses to one finite 28 px tensor, or one line
+    (NotAnImage, a PatchSAEError: the server answers 415)."""
+    from patchsae.explorer.session import decode_upload
+
+    _, data = case
+
+    def load(folder):
+        x = Preprocess(28)([decode_upload(data)])
+        assert x.shape == (1, 3, 28, 28) and torch.isfinite(x).all()
+
+    run_case(arena, "images", {}, load)
+
+
 # ---- safetensors: SAE folders and training checkpoints ------------------------------------------------------
 
 SAE_CFG = SAEConfig(d_model=4, d_sae=8)
