@@ -289,3 +289,32 @@ def test_preprocess_of_an_extreme_strip_stays_small(monkeypatch):
         assert x.shape == (1, 3, 28, 28) and all(w * h <= 28 * 28 for w, h in made), made
         want = (77 / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
         assert torch.allclose(x[0], want[:, None, None].expand(3, 28, 28), atol=1e-5)
+
+
+def test_report_disk_full_keeps_previous_site(explorer_run, monkeypatch):
+    """The static report writes its pages straight into a temporary folder and swaps it in at the end: a full
+    disk half-way through is one line naming the site, the previous site is unchanged, nothing temporary stays."""
+    import pathlib
+
+    from patchsae.explorer.report import write_report
+    from patchsae.explorer.session import Explorer
+
+    site = explorer_run.path / "site-faults"
+    ex = Explorer(explorer_run)
+    write_report(ex, site, top=2, class_top=1)
+    before = snapshot(site)
+    real, calls = pathlib.Path.write_text, []
+
+    def full(self, *args, **kwargs):
+        calls.append(self)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    with pytest.raises(PatchSAEError) as err:
+        write_report(ex, site, top=2, class_top=1)
+    one_line_naming(err.value, [site])
+    monkeypatch.undo()
+    assert snapshot(site) == before
+    assert sorted(p.name for p in site.parent.iterdir() if p.name.startswith(".site-faults")) == []
