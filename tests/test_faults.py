@@ -167,7 +167,8 @@ def test_prompts_fault_keeps_previous_prompts(tiny, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("tau", [0.0, 0.2, 1.5])
 def test_class_counts_are_strictly_above_tau(tau):
-    """Activations exactly equal to tau are not counted (with tau = 0 a `>=` would count every zero); checked
+    """Activations exactly equal to tau are not counted (with tau = 0 a `>=` would count every zero), through
+    the accumulator `analyze` uses, whose rule (`latents.add_class_counts`) every other count shares; checked
     against a count written out element by element (in float32, the activations' precision: 0.2 means the
     float32 nearest 0.2)."""
     g = torch.Generator().manual_seed(0)
