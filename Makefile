@@ -7,7 +7,7 @@ RUN    ?= runs/quickstart
 SUDO   := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data browser quickstart test bench clean
+.PHONY: setup data browser quickstart test bench fuzz clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -47,6 +47,17 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 bench: setup $(VENV)/.bench-installed
 	$(PY) benchmarks/bench.py a b c
 	$(PY) benchmarks/memory.py
+
+# Generated hostile files for every loader (tests/test_fuzz.py, hypothesis profile `full`): 1,000 cases per test
+# function, a fresh seed each run; and every stage killed at four moments (tests/test_kill.py). The last line
+# counts the cases per loader family. `make test` runs a fixed-seed short version of both. FUZZ_CASES=N changes
+# the cases per test function.
+FUZZ_CASES ?= 1000
+fuzz: setup
+	@rm -f .fuzz-counts.json
+	PATCHSAE_FUZZ=full PATCHSAE_FUZZ_CASES=$(FUZZ_CASES) PATCHSAE_FUZZ_COUNTS=.fuzz-counts.json \
+	  PATCHSAE_KILL_POINTS=all $(PY) -m pytest -q -p no:warnings tests/test_fuzz.py tests/test_kill.py
+	@$(PY) tests/fuzzing.py .fuzz-counts.json
 
 clean:
 	rm -rf $(VENV) runs

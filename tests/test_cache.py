@@ -384,7 +384,7 @@ def test_cached_tokens_never_holds_a_permutation_of_all_tokens(tmp_path):
 
     n, t = 1_300_000, 197
     np.lib.format.open_memmap(tmp_path / "shard_00000.npy", mode="w+", dtype=np.float16, shape=(n, t, 1)).flush()
-    np.save(tmp_path / "shard_00000.index.npy", np.zeros((1, 2), np.int64))
+    np.lib.format.open_memmap(tmp_path / "shard_00000.index.npy", mode="w+", dtype=np.int64, shape=(n, 2)).flush()
     manifest = {"format": FORMAT, "model": "fake", "layer": 0, "d_model": 1, "dataset": "fake", "split": "x",
                 "max_images": None, "class_names": ["a"], "layout": {"n_cls": 1, "n_prompt": 0, "grid": [14, 14],
                 "kinds": ["cls"] + ["patch"] * 196}, "n_tokens_per_image": t, "dtype": "float16", "n_images": n,

@@ -15,6 +15,7 @@ once every rank is done: the cache is the same file for file as a one-process ex
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -25,9 +26,10 @@ from patchsae import PatchSAEError
 from patchsae.data.base import LabelledImages, SkipLog, check_not_empty, iter_batches
 from patchsae.dist import Dist
 from patchsae.models.clip import ClipModel
-from patchsae.utils import atomic_path, read_json, write_json
+from patchsae.utils import atomic_path, one_line, read_json, read_json_file, write_json
 
 FORMAT = "patchsae-activations/1"
+SHARD_NAME = re.compile(r"shard_[0-9]{5}(\.index)?\.npy")  # names only: a manifest never points outside
 
 
 def cache_identity(model: ClipModel, ds: LabelledImages, layer: int, max_images: int | None) -> dict:
@@ -37,8 +39,9 @@ def cache_identity(model: ClipModel, ds: LabelledImages, layer: int, max_images:
 
 def _check_identity(out_dir: Path, manifest: dict, ident: dict) -> dict:
     if {k: manifest.get(k) for k in ident} != ident:
-        raise PatchSAEError(f"{out_dir} holds a cache of something else ({manifest['model']}, layer "
-                            f"{manifest['layer']}, {manifest['dataset']}/{manifest['split']}); use another run directory")
+        raise PatchSAEError(f"{out_dir} holds a cache of something else ({manifest.get('model')}, layer "
+                            f"{manifest.get('layer')}, {manifest.get('dataset')}/{manifest.get('split')}); "
+                            "use another run directory")
     return manifest
 
 
@@ -51,12 +54,13 @@ def build_cache(model: ClipModel, ds: LabelledImages, layer: int, out_dir: str |
     ident = cache_identity(model, ds, layer, max_images)
     manifest_file = out_dir / "manifest.json"
     if manifest_file.exists():
-        return _check_identity(out_dir, read_json(manifest_file), ident)
+        return _check_identity(out_dir, _check_manifest(manifest_file, read_json_file(manifest_file, "cache manifest")),
+                               ident)
     check_not_empty(ds)
     n_total = min(len(ds), max_images) if max_images else len(ds)
     plan = {**ident, "shard_images": shard_images, "n_total": n_total}
     progress_file = out_dir / "progress.json"
-    if progress_file.exists() and read_json(progress_file) != plan:
+    if progress_file.exists() and read_json_file(progress_file, "extraction record") != plan:
         raise PatchSAEError(f"{progress_file} belongs to another extraction; delete {out_dir} to start again")
     dist.barrier()  # every rank has checked the plan before rank 0 may write it
     if dist.is_main:
@@ -108,7 +112,7 @@ def _write_manifest(model: ClipModel, ds: LabelledImages, ident: dict, out_dir: 
     """The manifest from the done-records of all shards, in shard order; then the records are removed."""
     shards, skipped = [], []
     for k in range(n_shards):
-        done = read_json(out_dir / f"shard_{k:05d}.done.json")
+        done = read_json_file(out_dir / f"shard_{k:05d}.done.json", "shard record")
         skipped += done["skipped"]
         if done["n_images"]:
             shards.append({"file": f"shard_{k:05d}.npy", "index_file": f"shard_{k:05d}.index.npy",
@@ -134,6 +138,54 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
             np.save(f, arr)
 
 
+def _check_manifest(mf: Path, m) -> dict:
+    """The manifest, if every field the readers use has its type; else one error line naming the file."""
+    def bad(what: str) -> PatchSAEError:
+        return PatchSAEError(f"{mf}: damaged cache manifest ({what}); run the cache stage again in a new folder")
+
+    if not isinstance(m, dict):
+        raise bad("not a JSON object")
+    if m.get("format") != FORMAT:
+        raise PatchSAEError(f"{mf}: unknown cache format {str(m.get('format'))[:40]!r}")
+    for key in ("d_model", "n_tokens_per_image", "n_images"):
+        if not isinstance(m.get(key), int) or isinstance(m.get(key), bool) or m[key] < 1:
+            raise bad(f"{key} must be a positive integer")
+    if m.get("dtype") != "float16":
+        raise bad(f"dtype {str(m.get('dtype'))[:20]!r}, expected 'float16'")
+    kinds = m.get("layout", {}).get("kinds") if isinstance(m.get("layout"), dict) else None
+    if not isinstance(kinds, list) or len(kinds) != m["n_tokens_per_image"] or not all(
+            k in ("cls", "prompt", "patch") for k in kinds):
+        raise bad("layout kinds do not list one of cls/prompt/patch per token")
+    shards = m.get("shards")
+    if not isinstance(shards, list) or not shards or not all(
+            isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("index_file"), str)
+            and isinstance(s.get("n_images"), int) and not isinstance(s["n_images"], bool) and s["n_images"] > 0
+            and SHARD_NAME.fullmatch(s["file"]) and SHARD_NAME.fullmatch(s["index_file"]) for s in shards):
+        raise bad("shards must list shard_NNNNN.npy files with positive image counts")
+    if sum(s["n_images"] for s in shards) != m["n_images"]:
+        raise bad("the shards' image counts do not add up to n_images")
+    if not isinstance(m.get("class_names"), list):
+        raise bad("class_names must be a list")
+    return m
+
+
+def _open_shard(folder: Path, s: dict, m: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(memory-mapped activations, index) of one shard, checked against the manifest's shapes and dtypes."""
+    want = (s["n_images"], m["n_tokens_per_image"], m["d_model"])
+    try:
+        acts = np.load(folder / s["file"], mmap_mode="r", allow_pickle=False)
+        index = np.load(folder / s["index_file"], allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - NumPy's header parser fails in many ways (even SyntaxError)
+        raise PatchSAEError(f"{folder}: unreadable shard {s['file']} ({one_line(exc)}); "
+                            "run the cache stage again in a new folder") from None
+    if acts.shape != want or acts.dtype != np.float16:
+        raise PatchSAEError(f"{folder / s['file']}: holds {acts.dtype} {acts.shape}, the manifest says float16 {want}")
+    if index.shape != (want[0], 2) or index.dtype != np.int64:
+        raise PatchSAEError(f"{folder / s['index_file']}: holds {index.dtype} {index.shape}, expected int64 "
+                            f"({want[0]}, 2)")
+    return acts, index
+
+
 class ActivationCache:
     """Read side of the cache: memory-mapped shards, image rows addressed globally."""
 
@@ -144,11 +196,13 @@ class ActivationCache:
             hint = " (extraction was interrupted; run the cache stage again to finish it)" \
                 if (self.folder / "progress.json").exists() else ""
             raise PatchSAEError(f"no activation cache in {self.folder}{hint}")
-        self.manifest = read_json(mf)
-        if self.manifest.get("format") != FORMAT:
-            raise PatchSAEError(f"{mf}: unknown cache format {self.manifest.get('format')!r}")
-        self.shards = [np.load(self.folder / s["file"], mmap_mode="r") for s in self.manifest["shards"]]
-        self.index = np.concatenate([np.load(self.folder / s["index_file"]) for s in self.manifest["shards"]])
+        self.manifest = _check_manifest(mf, read_json_file(mf, "cache manifest"))
+        self.shards, index = [], []
+        for s in self.manifest["shards"]:
+            acts, idx = _open_shard(self.folder, s, self.manifest)
+            self.shards.append(acts)
+            index.append(idx)
+        self.index = np.concatenate(index)
         self.starts = np.cumsum([0] + [len(s) for s in self.shards])
         self.kinds = self.manifest["layout"]["kinds"]
 

@@ -11,6 +11,24 @@ import torch
 from patchsae.utils import atomic_path
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def listed_figures(folder: Path) -> list[Path]:
+    """The figures a run shows (explorer endpoint, static report): regular files named *.png that start with
+    PNG's signature, sorted. Links are left out, so a `figures/x.png` pointing at any other file (the run's
+    config, a file outside the run) is never served or copied; so is anything else placed in the folder."""
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.suffix == ".png" and not p.is_symlink() and p.is_file():
+            with p.open("rb") as f:
+                if f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE:
+                    out.append(p)
+    return out
+
+
 def _plt():
     import matplotlib
 

@@ -8,12 +8,32 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence
+from pathlib import Path
+from typing import IO, Callable, Iterator, Protocol, Sequence
 
 import torch
 from PIL import Image
 
 from patchsae import PatchSAEError
+
+
+MAX_PIXELS = 40_000_000  # images declaring more pixels are refused before decoding (decompression bombs)
+
+
+class ImageTooLarge(ValueError):
+    """An image declaring more than MAX_PIXELS pixels."""
+
+
+def open_image(source: str | Path | IO[bytes]) -> Image.Image:
+    """A decoded image from a file or stream; one that declares more than MAX_PIXELS pixels is refused from its
+    header, before any pixel is decoded (a 100-byte PNG can declare 65535 x 65535: 12 GB as RGB). PIL's own
+    bomb check starts only at ~179 M pixels and warns below that."""
+    with Image.open(source) as im:
+        w, h = im.size
+        if w * h > MAX_PIXELS:
+            raise ImageTooLarge(f"image of {w}x{h} pixels is larger than the {MAX_PIXELS:,} pixels allowed")
+        im.load()
+        return im.copy()
 
 
 class LabelledImages(Protocol):

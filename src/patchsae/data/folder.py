@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image
-
 from patchsae import PatchSAEError
+from patchsae.data.base import open_image
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -33,6 +32,4 @@ class ImageFolder:
 
     def load(self, i: int):
         path, label = self.files[i]
-        with Image.open(path) as im:
-            im.load()
-            return im.copy(), label
+        return open_image(path), label

@@ -71,14 +71,12 @@ class HFImages:
     def load(self, i: int):
         import io
 
-        from PIL import Image
+        from patchsae.data.base import open_image
 
         row = self._rows[i]
         img = row[self.image_column]
         if isinstance(img, dict):
             data = img.get("bytes")
-            im = Image.open(io.BytesIO(data)) if data is not None else Image.open(img["path"])
-        else:
-            im = img
-        im.load()
-        return im, int(row[self.label_column])
+            return open_image(io.BytesIO(data) if data is not None else img["path"]), int(row[self.label_column])
+        img.load()
+        return img, int(row[self.label_column])

@@ -13,6 +13,7 @@ report leaves the previous site (or none), never half of one.
 
 from __future__ import annotations
 
+import glob
 import json
 import shutil
 import tempfile
@@ -20,7 +21,9 @@ from html import escape
 from pathlib import Path
 
 from patchsae import PatchSAEError
+from patchsae.analysis.figures import listed_figures
 from patchsae.explorer.session import STATIC_DIR, Explorer
+from patchsae.utils import WRITE_ERRNOS, write_error
 
 THUMB = 112  # pixels per side of the report's reference images
 MAX_CLASS_BARS = 30  # a latent page shows the classes with the largest counts, at most this many
@@ -64,7 +67,12 @@ def write_report(ex: Explorer, out: str | Path, top: int = 50, class_top: int = 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        info = _write(ex, tmp, top, class_top)
+        try:
+            info = _write(ex, tmp, top, class_top)
+        except OSError as exc:  # a full disk or I/O error: the previous report stays as it was
+            if exc.errno not in WRITE_ERRNOS:
+                raise
+            raise write_error(out, exc) from None
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -73,6 +81,8 @@ def write_report(ex: Explorer, out: str | Path, top: int = 50, class_top: int = 
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
+        for stale in out.parent.glob(f".{glob.escape(out.name)}.*"):  # left by a killed earlier report
+            shutil.rmtree(stale, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**info, "index": str(out / "index.html")}
@@ -101,7 +111,7 @@ def _write(ex: Explorer, site: Path, top: int, class_top: int) -> dict:
     for c in classes:
         (site / "classes" / f"{c['index']}.html").write_text(_class_page(c, details))
 
-    figures = sorted(p for p in ex.run.figures_dir.glob("*.png")) if ex.run.figures_dir.is_dir() else []
+    figures = listed_figures(ex.run.figures_dir)
     for p in figures:
         shutil.copy(p, site / "figures" / p.name)
     (site / "data" / "latents.json").write_text(json.dumps({"info": ex.info(), "latents": list(details.values())}))

@@ -7,8 +7,10 @@ name from the run's figures folder, and static files come from the package's own
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, File, Request, UploadFile
@@ -19,36 +21,83 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from patchsae import PatchSAEError
+from patchsae.analysis.figures import listed_figures
 from patchsae.explorer.session import STATIC_DIR, Explorer, NotAnImage, UnknownImage
 
 MAX_UPLOAD = 10 * 1024 * 1024
 IMAGE_ID = re.compile(r"^(ds-[0-9]{1,9}|[0-9a-f]{16})$")
 
 
-class LimitUploads:
-    """ASGI middleware: refuse POST bodies above `limit` bytes (plus room for the multipart framing) with a 413
-    before the app parses or spools them: by Content-Length if sent, else by reading at most that much."""
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost the server."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    max_upload: int = MAX_UPLOAD  # bytes of a POST body (plus room for multipart framing); above: 413
+    body_seconds: float = 30.0  # the whole body must arrive within this time (a byte-by-byte client): else 408
+    workers: int = 4  # API requests processed at once; the rest queue (model work runs under one lock anyway)
+    queue_seconds: float = 20.0  # a queued request not started within this time gets 503 (busy), not a hang
+    queue_length: int = 256  # requests waiting beyond this many are refused at once with 503
+
+
+class LimitUploads:
+    """ASGI middleware guarding the API: POST bodies above the limit get 413 before the app parses or spools
+    them (by Content-Length if sent, else by reading at most that much), bodies that do not arrive in time get
+    408, and API requests beyond `workers` wait in a bounded queue for at most `queue_seconds` (then 503). A
+    slow client therefore holds one connection, never a worker, and an overloaded server answers quickly."""
+
+    def __init__(self, app, limit: int | Limits):
+        self.app = app
+        self.limits = limit if isinstance(limit, Limits) else Limits(max_upload=limit)
+        self.limit = self.limits.max_upload
+        self._slots: asyncio.Semaphore | None = None
+        self._waiting = 0
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
             return await self.app(scope, receive, send)
+        if scope["method"] == "POST":
+            receive = await self._read_body(scope, receive, send)
+            if receive is None:
+                return
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.limits.workers)
+        if self._waiting >= self.limits.queue_length:
+            return await _json_response(send, 503, "the explorer is busy; try again shortly")
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.limits.queue_seconds)
+        except asyncio.TimeoutError:
+            return await _json_response(send, 503, "the explorer is busy; try again shortly")
+        finally:
+            self._waiting -= 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self._slots.release()
+
+    async def _read_body(self, scope, receive, send):
+        """A `receive` that replays the whole body, or None once an error response was sent."""
         cap = self.limit + 64 * 1024
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > cap:
-            return await _json_response(send, 413, self.message())
+            await _json_response(send, 413, self.message())
+            return None
         body, size, more = [], 0, True
+        deadline = asyncio.get_running_loop().time() + self.limits.body_seconds
         while more:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                await _json_response(send, 408, f"request body not received within {self.limits.body_seconds:g} s")
+                return None
             if msg["type"] != "http.request":  # the client went away
-                return
+                return None
             body.append(msg.get("body", b""))
             size += len(body[-1])
             more = msg.get("more_body", False)
             if size > cap:
-                return await _json_response(send, 413, self.message())
+                await _json_response(send, 413, self.message())
+                return None
         replayed = False
 
         async def replay():
@@ -58,7 +107,7 @@ class LimitUploads:
                 return {"type": "http.request", "body": b"".join(body), "more_body": False}
             return await receive()
 
-        return await self.app(scope, replay, send)
+        return replay
 
     def message(self) -> str:
         return too_large(self.limit)
@@ -83,7 +132,9 @@ class SteerRequest(BaseModel):
     model: str = "base"
 
 
-def create_app(explorer: Explorer, max_upload: int = MAX_UPLOAD):
+def create_app(explorer: Explorer, max_upload: int = MAX_UPLOAD, limits: Limits | None = None):
+    limits = limits or Limits(max_upload=max_upload)
+    max_upload = limits.max_upload
     app = FastAPI(title="patchsae explorer", docs_url=None, redoc_url=None, openapi_url=None)
 
     def error(status: int, message: str) -> JSONResponse:
@@ -174,12 +225,11 @@ def create_app(explorer: Explorer, max_upload: int = MAX_UPLOAD):
             return error(404, f"no figure {name!r} in this run")
         return FileResponse(files[name], media_type="image/png")
 
-    return LimitUploads(app, max_upload)
+    return LimitUploads(app, limits)
 
 
 def _figures(explorer: Explorer) -> list[Path]:
-    folder = explorer.run.figures_dir
-    return [p for p in folder.iterdir() if p.suffix == ".png" and p.is_file()] if folder.is_dir() else []
+    return listed_figures(explorer.run.figures_dir)
 
 
 def check_listen(host: str, port: int) -> None:

@@ -26,13 +26,13 @@ from PIL import Image
 from patchsae import PatchSAEError
 from patchsae.analysis import patch_maps
 from patchsae.analysis.latents import LOW_ENTROPY
+from patchsae.data.base import ImageTooLarge, open_image
 from patchsae.models.clip import ClipModel
 from patchsae.runs import Run
 from patchsae.runs.artefacts import open_run, open_run_dataset, require_analysis
 
 STATIC_DIR = Path(__file__).parent / "static"  # the page's HTML/JS/CSS, shipped as package data
 DISPLAY = 224  # pixels per side of the images and heatmaps the explorer draws
-MAX_PIXELS = 40_000_000  # uploads with more pixels are refused before decoding (decompression bombs)
 KINDS = ("heatmap", "segmentation", "image")
 
 
@@ -89,14 +89,9 @@ def decode_upload(data: bytes) -> Image.Image:
     if not data:
         raise NotAnImage("the uploaded file is empty")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if w * h > MAX_PIXELS:
-                raise NotAnImage(f"image of {w}x{h} pixels is larger than the {MAX_PIXELS:,} pixels allowed")
-            im.load()
-            return im.copy()
-    except PatchSAEError:
-        raise
+        return open_image(io.BytesIO(data))
+    except ImageTooLarge as exc:  # refused from the header, before decoding (decompression bombs)
+        raise NotAnImage(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files; all mean "not an image"
         raise NotAnImage(f"the uploaded file is not an image PIL can read ({type(exc).__name__})") from None
 

@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from patchsae import PatchSAEError
 from patchsae.models.backbone import TokenLayout
 from patchsae.models.clip import ClipModel
-from patchsae.utils import atomic_path, read_json, write_json
+from patchsae.pickles import load_pickled
+from patchsae.utils import one_line, read_json_file, write_json, write_safetensors
 
 PROMPTS_FILE = "prompts.safetensors"
 CONFIG_FILE = "config.json"
@@ -210,13 +211,11 @@ def build_maple(clip: ClipModel, cfg: MapleConfig = MapleConfig(), seed: int = 0
 
 def save_prompts(folder: str | Path, model: MapleModel, meta: dict | None = None) -> Path:
     """folder/prompts.safetensors (official parameter names) + folder/config.json (written last)."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.prompts.state_dict().items()}
-    with atomic_path(folder / PROMPTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    write_json(folder / CONFIG_FILE, {"format": FORMAT, "model": model.base.name, **asdict(model.cfg),
+    digest = write_safetensors(folder / PROMPTS_FILE, tensors, {"format": FORMAT})
+    write_json(folder / CONFIG_FILE, {"format": FORMAT, "model": model.base.name, "weights_digest": digest,
+                                      **asdict(model.cfg),
                                       "d_text": int(model.prompts.ctx.shape[1]), "d_vision": model.d_model,
                                       **(meta or {})})
     return folder
@@ -233,8 +232,11 @@ def prompts_from_state_dict(sd: dict[str, torch.Tensor]) -> MaplePrompts:
     n_proj = len({k.rsplit(".", 1)[0] for k in sd if k.startswith("compound_prompt_projections.")})
     if n_deep != n_proj:
         raise PatchSAEError(f"checkpoint has {n_deep} compound text prompts but {n_proj} projections")
-    if "proj.weight" not in sd:
-        raise PatchSAEError("no MaPLe projection 'proj.weight' in the checkpoint")
+    if "proj.weight" not in sd or sd["proj.weight"].dim() != 2:
+        raise PatchSAEError("no MaPLe projection 'proj.weight' (a matrix) in the checkpoint")
+    bad = sorted(k for k, v in sd.items() if not (v.is_floating_point() and torch.isfinite(v).all()))
+    if bad:
+        raise PatchSAEError(f"MaPLe checkpoint tensors {bad[:5]} are not finite floating-point values")
     prompts = MaplePrompts(ctx, 1 + n_deep, sd["proj.weight"].shape[0])
     want = prompts.state_dict()
     missing = sorted(set(want) - set(sd))
@@ -249,17 +251,6 @@ def prompts_from_state_dict(sd: dict[str, torch.Tensor]) -> MaplePrompts:
     return prompts
 
 
-class _Inert:
-    """Stands in for any class or function a checkpoint names beyond tensors and containers (e.g. Dassl's LR
-    scheduler objects): it only stores what the pickle hands it and never runs any of the named code."""
-
-    def __init__(self, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self, state):
-        self.state = state
-
-
 def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The prompt tensors of an official MaPLe checkpoint (`model.pth.tar-N`, `model-best.pth.tar`: a dict with
     'state_dict', 'epoch', 'optimizer', 'scheduler', ...), loaded with torch.load(weights_only=True). Globals
@@ -267,18 +258,7 @@ def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     Keys are returned without the 'prompt_learner.' (and any 'module.') prefix; token_prefix/token_suffix, the
     training class names' fixed token embeddings, are dropped as the official loader does, and so are any frozen
     CLIP weights saved beside the prompts."""
-    from torch.serialization import get_unsafe_globals_in_checkpoint, safe_globals
-
-    path = Path(path)
-    if not path.is_file():
-        raise PatchSAEError(f"MaPLe checkpoint {path}: no such file")
-    try:
-        stubs = [(_Inert, name) for name in get_unsafe_globals_in_checkpoint(str(path))]
-        with safe_globals(stubs):
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets one clear line
-        raise PatchSAEError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:200]})") from None
+    obj = load_pickled(path, "MaPLe checkpoint")
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict):
         raise PatchSAEError(f"{path}: expected a dict with a 'state_dict', got {type(obj).__name__}")
@@ -312,9 +292,12 @@ def load_adapted(clip: ClipModel, prompts_path: str | Path, ctx_init: str | None
         try:
             sd = load_file(str(path))
         except Exception as exc:  # noqa: BLE001
-            raise PatchSAEError(f"{path}: not a readable safetensors file ({exc})") from None
+            raise PatchSAEError(f"{path}: not a readable safetensors file ({one_line(exc)})") from None
         cfg_file = path.parent / CONFIG_FILE
-        meta = read_json(cfg_file) if cfg_file.exists() else {}
+        meta = read_config(path.parent)
+        if meta.get("weights_digest") not in (None, file_digest(path)):
+            raise PatchSAEError(f"{path} is not the file {path.parent / CONFIG_FILE} was saved with (a save was "
+                                "cut short, or files were mixed); run adapt again")
         if meta.get("model") not in (None, clip.name):
             raise PatchSAEError(f"the prompts in {path.parent} were trained on {meta['model']}, not {clip.name}")
         source = f"{clip.name}+maple:{path.parent}"
@@ -326,7 +309,22 @@ def load_adapted(clip: ClipModel, prompts_path: str | Path, ctx_init: str | None
     return MapleModel(clip, prompts, init, source)
 
 
+def file_digest(path: Path) -> str | None:
+    """The digest write_safetensors put in the header (the file was already read, so it opens)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("digest")
+
+
 def read_config(folder: str | Path) -> dict:
     """The config.json `patchsae adapt` wrote beside the prompts ({} for official checkpoints)."""
     cfg_file = Path(folder) / CONFIG_FILE
-    return read_json(cfg_file) if Path(folder).is_dir() and cfg_file.exists() else {}
+    if not (Path(folder).is_dir() and cfg_file.exists()):
+        return {}
+    meta = read_json_file(cfg_file, "MaPLe prompt config")
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k, ""), str)
+                                             for k in ("model", "ctx_init", "weights_digest")):
+        raise PatchSAEError(f"{cfg_file}: damaged MaPLe prompt config (expected an object with text 'model', "
+                            "'ctx_init' and 'weights_digest')")
+    return meta

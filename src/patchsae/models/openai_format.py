@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from patchsae import PatchSAEError
+from patchsae.pickles import load_pickled
+from patchsae.utils import one_line
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 HEAD_WIDTH = 64  # OpenAI: heads = width // 64 in both towers
@@ -122,7 +124,15 @@ def resolve_act(path: str | Path, act: str | None = None) -> str:
 
 def config_from_state_dict(sd: dict, act: str = "quick_gelu"):
     """A `CLIPConfig` derived from tensor shapes alone (works on meta or empty tensors); `act` is the MLP
-    activation of both towers, which shapes cannot tell."""
+    activation of both towers, which shapes cannot tell. Shapes that describe no ViT CLIP (a 0-d tensor where a
+    matrix belongs, widths that are no multiple of the 64-wide heads) are one error line."""
+    try:
+        return _config_from_shapes(sd, act)
+    except (IndexError, ValueError, TypeError, ZeroDivisionError) as exc:
+        raise PatchSAEError(f"tensor shapes do not describe a ViT CLIP ({one_line(exc)})") from None
+
+
+def _config_from_shapes(sd: dict, act: str):
     from transformers import CLIPConfig
 
     _check_vit(sd)
@@ -136,6 +146,8 @@ def config_from_state_dict(sd: dict, act: str = "quick_gelu"):
     if grid * grid + 1 != n_pos:
         raise PatchSAEError(f"visual.positional_embedding has {n_pos} rows: not 1 + a square patch grid")
     text_width = sd["ln_final.weight"].shape[0]
+    if not (width > 0 and text_width > 0 and width % HEAD_WIDTH == 0 and text_width % HEAD_WIDTH == 0):
+        raise ValueError(f"widths {width} and {text_width} must be positive multiples of {HEAD_WIDTH}")
     vocab = sd["token_embedding.weight"].shape[0]
     if act not in ACTS:
         raise PatchSAEError(f"act must be one of {', '.join(ACTS)}, not {act!r}")
@@ -212,12 +224,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 "loaded; convert it once where you trust it: sd = torch.jit.load(path, map_location='cpu')"
                 ".state_dict(), then safetensors.torch.save_file(sd, 'clip.safetensors'), and pass that file")
         else:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            sd = load_pickled(path, "CLIP checkpoint")
     except PatchSAEError:
         raise
-    except Exception as exc:  # truncated or foreign files fail in many library-specific ways
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise PatchSAEError(f"cannot read checkpoint {path}: {reason}") from None
+    except Exception as exc:  # truncated or foreign safetensors files fail in many library-specific ways
+        raise PatchSAEError(f"cannot read checkpoint {path}: {one_line(exc)}") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
             sd = sd[wrapper]

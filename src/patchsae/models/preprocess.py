@@ -35,6 +35,9 @@ _DEFAULTS = {
 }
 
 
+MAX_RESIZE_FACTOR = 16  # a resize to more than this many crops' worth of pixels takes the crop region only
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """PIL images -> pixels (B, 3, size, size). `Preprocess(size, mean, std)` is OpenAI CLIP's rule: short side
@@ -50,6 +53,16 @@ class Preprocess:
     rescale_factor: float = 1 / 255  # uint8 -> [0, 1]
     normalize: bool = True  # apply mean/std
 
+    def _crop_region_resized(self, img: Image.Image, new_wh: tuple[int, int]) -> Image.Image:
+        """Only the centre crop's source region, resized straight to size x size: for images whose full resize
+        would be huge (a 1 KB PNG strip of 1 x 200,000 pixels would become 28 x 5.6 M). Within one level of 255
+        of the full resize-then-crop on a few pixels; never used for ordinary aspect ratios."""
+        w, h = img.size
+        left, top = (new_wh[0] - self.size) // 2, (new_wh[1] - self.size) // 2
+        sx, sy = w / new_wh[0], h / new_wh[1]
+        return img.resize((self.size, self.size), self.resample,
+                          box=(left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy))
+
     def resized(self, img: Image.Image) -> Image.Image:
         """RGB, resized and cropped, still uint8."""
         img = to_rgb(img)
@@ -62,6 +75,8 @@ class Preprocess:
                 new_wh = (short, int(short * h / w))
             else:
                 new_wh = (int(short * w / h), short)
+            if self.center_crop and new_wh[0] * new_wh[1] > MAX_RESIZE_FACTOR * self.size * self.size:
+                return self._crop_region_resized(img, new_wh)
             img = img.resize(new_wh, self.resample)
         if self.center_crop:
             w, h = img.size

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from patchsae.models.backbone import Backbone
-from patchsae.utils import atomic_path
+from patchsae.utils import write_safetensors
 
 
 def cached_text_head(model: Backbone, class_names: Sequence[str], path: str | Path, write: bool = True
@@ -19,7 +19,6 @@ def cached_text_head(model: Backbone, class_names: Sequence[str], path: str | Pa
     (or a rerun with another split) skips the text tower; any change of those three recomputes it. A reader that
     must not write (the explorer) passes write=False and only uses a matching cache."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     path = Path(path)
     key = hashlib.sha256(json.dumps([model.name, list(class_names), list(model.templates)]).encode()).hexdigest()
@@ -33,6 +32,5 @@ def cached_text_head(model: Backbone, class_names: Sequence[str], path: str | Pa
     head_CE = model.text_head(class_names)
     if not write:
         return head_CE
-    with atomic_path(path) as tmp:
-        save_file({"head_CE": head_CE.contiguous().cpu()}, str(tmp), metadata={"key": key, "model": model.name})
+    write_safetensors(path, {"head_CE": head_CE.contiguous().cpu()}, {"key": key, "model": model.name})
     return head_CE

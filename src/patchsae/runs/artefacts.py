@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from patchsae import PatchSAEError
 from patchsae.runs.run import Run
-from patchsae.utils import read_json
+from patchsae.utils import read_json_file
 
 
 def open_run(run: Run):
@@ -32,7 +33,10 @@ def open_run(run: Run):
     recorded = [("the SAE's config", meta)]
     cache_manifest = run.cache_dir(cfg.train_split) / "manifest.json"
     if cache_manifest.exists():
-        recorded.append((f"its training cache {cache_manifest}", read_json(cache_manifest)))
+        info = read_json_file(cache_manifest, "cache manifest")
+        if not isinstance(info, dict):
+            raise PatchSAEError(f"{cache_manifest}: damaged cache manifest (not a JSON object)")
+        recorded.append((f"its training cache {cache_manifest}", info))
     for where, info in recorded:
         if "layer" in info and info["layer"] != layer:
             raise PatchSAEError(f"the SAE in {run.sae_dir} was trained on block {info['layer']} ({where}), "
@@ -91,13 +95,20 @@ def read_analysis(run: Run, d_sae: int, want: dict | None = None) -> Analysis | 
 
     mf, stats = run.analysis_dir / "manifest.json", run.analysis_dir / "stats.safetensors"
     try:
-        manifest = read_json(mf)
-        if manifest.get("d_sae") != d_sae or not is_current(run, manifest, stats, want):
+        manifest = read_json_file(mf, "analysis manifest")
+        if not isinstance(manifest, dict) or manifest.get("d_sae") != d_sae or \
+                not is_current(run, manifest, stats, want):
             return None
         tensors = load_file(str(stats))
-    except (OSError, ValueError, KeyError):
+    except (PatchSAEError, OSError, ValueError, KeyError, SafetensorError):
+        return None  # missing or damaged: the analysis is simply not there, and `analyze` writes it again
+    names = manifest.get("naming", {}).get("vocabulary") if isinstance(manifest.get("naming"), dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         return None
-    return Analysis(manifest, tensors) if len(tensors.get("frequency_S", ())) == d_sae else None
+    ok = all(k in tensors and len(tensors[k]) == d_sae for k in ("frequency_S", "name_index_SN")) and \
+        tensors["name_index_SN"].dim() == 2 and tensors["name_index_SN"].dtype in (torch.int64, torch.int32) and \
+        tensors["name_index_SN"].lt(len(names)).all()
+    return Analysis(manifest, tensors) if ok else None
 
 
 def require_analysis(run: Run, d_sae: int) -> Analysis:
@@ -116,8 +127,10 @@ def cache_covering(run: Run, split: str, want: dict, max_images: int | None, n_c
 
     folder = run.cache_dir(split)
     try:
-        m = read_json(folder / "manifest.json")
-    except (OSError, ValueError):
+        m = read_json_file(folder / "manifest.json", "cache manifest")
+    except PatchSAEError:
+        return None
+    if not isinstance(m, dict) or not isinstance(m.get("max_images"), (int, type(None))):
         return None
     covers = m.get("max_images") is None or (max_images is not None and m["max_images"] >= max_images)
     if {k: m.get(k) for k in want} == want and covers and len(m.get("class_names", [])) == n_classes:

@@ -12,12 +12,12 @@ artefact in it, so no other code builds a run path by hand:
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 from patchsae import PatchSAEError
 from patchsae.runs.config import RunConfig
-from patchsae.utils import read_json, write_json
+from patchsae.utils import dataclass_from_json, read_json_file, write_json
 
 
 class Run:
@@ -85,15 +85,8 @@ class Run:
     def load_config(self) -> RunConfig:
         if not self.config_file.exists():
             raise PatchSAEError(f"{self.path} is not a run directory (no config.json); start with `patchsae cache`")
-        try:
-            data = read_json(self.config_file)
-        except ValueError as exc:
-            raise PatchSAEError(f"{self.config_file}: not valid JSON ({exc})") from None
-        known = {f.name for f in fields(RunConfig)}
-        unknown = set(data) - known
-        if unknown:
-            raise PatchSAEError(f"{self.config_file}: unknown settings {sorted(unknown)}")
-        return RunConfig(**data)
+        data = read_json_file(self.config_file, "run config")
+        return dataclass_from_json(RunConfig, data, str(self.config_file))
 
     def init(self, cfg: RunConfig, overrides: dict) -> RunConfig:
         """Create the run's config, or check that explicit overrides agree with the one it has."""

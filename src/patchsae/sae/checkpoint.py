@@ -7,54 +7,81 @@ Every file is written to a temporary name and renamed, so a kill leaves the prev
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
 
 from patchsae import PatchSAEError
 from patchsae.sae.model import SAE, SAEConfig
-from patchsae.utils import atomic_path, read_json, write_json
+from patchsae.utils import dataclass_from_json, one_line, read_json_file, write_json, write_safetensors
 
 
 def save_sae(folder: str | Path, sae: SAE, extra: dict | None = None) -> None:
     folder = Path(folder)
-    with atomic_path(folder / "model.safetensors") as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, str(tmp))
-    write_json(folder / "config.json", {"sae": sae.cfg.to_json(), **(extra or {})})
+    digest = write_safetensors(folder / "model.safetensors",
+                               {k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()})
+    # written last, naming the weights it belongs to: a save cut between the two files is never taken as an SAE
+    write_json(folder / "config.json", {"sae": sae.cfg.to_json(), "weights_digest": digest, **(extra or {})})
 
 
 def load_sae(folder: str | Path, d_model: int | None = None) -> tuple[SAE, dict]:
-    """Load an SAE; if `d_model` is given, refuse one trained on activations of another width."""
+    """Load an SAE; if `d_model` is given, refuse one trained on activations of another width. The config and
+    the file's tensor table are checked before any weight is allocated (a config may declare any size)."""
     folder = Path(folder)
     cfg_file, weights = folder / "config.json", folder / "model.safetensors"
     if not cfg_file.exists() or not weights.exists():
         raise PatchSAEError(f"no trained SAE in {folder} (expected config.json and model.safetensors)")
-    try:
-        meta = read_json(cfg_file)
-        cfg = SAEConfig(**meta["sae"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PatchSAEError(f"{cfg_file}: unreadable SAE config ({type(exc).__name__}: {exc})") from None
+    meta = read_json_file(cfg_file, "SAE config")
+    if not isinstance(meta, dict) or "sae" not in meta or not isinstance(meta.get("weights_digest", ""), str):
+        raise PatchSAEError(f"{cfg_file}: unreadable SAE config (no 'sae' object, or a bad 'weights_digest')")
+    cfg = dataclass_from_json(SAEConfig, meta["sae"], f"{cfg_file} 'sae'")
+    if cfg.d_model < 1 or cfg.d_sae < 1:
+        raise PatchSAEError(f"{cfg_file}: d_model and d_sae must be positive, not {cfg.d_model} and {cfg.d_sae}")
     if d_model is not None and cfg.d_model != d_model:
         raise PatchSAEError(
             f"SAE in {folder} was trained on width {cfg.d_model}, but the model's hooked block has width {d_model}"
         )
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
-        raise PatchSAEError(f"{weights}: unreadable safetensors file ({exc})") from None
+    with torch.device("meta"):  # the expected tensor table, without allocating d_model x d_sae floats
+        expected = {k: tuple(v.shape) for k, v in SAE(cfg).state_dict().items()}
+    state = read_tensors(weights, expected, f"does not match its config (d_model={cfg.d_model}, d_sae={cfg.d_sae})",
+                         digest=meta.get("weights_digest"))
     sae = SAE(cfg)
-    expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != got:
-        bad = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
-        raise PatchSAEError(
-            f"{weights} does not match its config (d_model={cfg.d_model}, d_sae={cfg.d_sae}): "
-            + ", ".join(f"{k} {got.get(k)} vs expected {expected.get(k)}" for k in bad)
-        )
     sae.load_state_dict(state)
     return sae, meta
+
+
+def read_tensors(path: Path, expected: dict[str, tuple], mismatch: str, counters: tuple[str, ...] = (),
+                 digest: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file that must hold exactly `expected` (name -> shape): finite floats, or
+    integers for the names in `counters`; the table in its header is compared before any tensor is read.
+    `digest`: the one a config written beside the file recorded, which the file's header must repeat."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if digest is not None and (f.metadata() or {}).get("digest") != digest:
+                raise PatchSAEError(f"{path} is not the file its config.json was saved with (a save was cut "
+                                    "short, or files were mixed); save or train again")
+            got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            if got != expected:
+                bad = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
+                raise PatchSAEError(f"{path} {mismatch}: " + ", ".join(
+                    f"{k} {got.get(k)} vs expected {expected.get(k)}" for k in bad[:5]))
+            state = {k: f.get_tensor(k) for k in expected}
+    except PatchSAEError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise PatchSAEError(f"{path}: unreadable safetensors file ({one_line(exc)})") from None
+    for k, v in state.items():
+        if k in counters:
+            if v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+                raise PatchSAEError(f"{path}: tensor {k} holds {v.dtype}, not integer counts")
+            continue
+        if not v.is_floating_point():
+            raise PatchSAEError(f"{path}: tensor {k} holds {v.dtype}, not floating-point weights")
+        if not torch.isfinite(v).all():
+            raise PatchSAEError(f"{path}: tensor {k} holds non-finite values (NaN or infinity)")
+    return state
 
 
 def save_training_state(path: str | Path, sae: SAE, opt: torch.optim.Optimizer, since_fired_S: torch.Tensor,
@@ -72,34 +99,42 @@ def save_training_state(path: str | Path, sae: SAE, opt: torch.optim.Optimizer, 
                     opt_meta[f"{names[id(p)]}.{key}"] = float(val)
     tensors["since_fired"] = since_fired_S.contiguous().cpu()
     meta = {"step": str(step), "opt": json.dumps(opt_meta), "info": json.dumps(info)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    write_safetensors(path, tensors, meta)
 
 
 def load_training_state(path: str | Path, sae: SAE, opt: torch.optim.Optimizer) -> tuple[int, torch.Tensor, dict]:
-    """Restore weights and optimiser in place; return (step, since_fired_S, info)."""
-    from safetensors import safe_open
-
+    """Restore weights and optimiser in place; return (step, since_fired_S, info). Every tensor's name and shape
+    and every metadata value is checked first, so a damaged checkpoint is one error line, never a run that
+    crashes (or trains on garbage) steps later."""
+    params = dict(sae.named_parameters())
+    expected = {f"model.{k}": tuple(v.shape) for k, v in sae.state_dict().items()}
+    expected["since_fired"] = (sae.cfg.d_sae,)
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        step, opt_meta, info, since_fired = int(meta["step"]), json.loads(meta["opt"]), json.loads(meta["info"]), \
-            tensors["since_fired"]
-    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
-        raise PatchSAEError(f"{path}: unreadable training checkpoint ({type(exc).__name__}: {exc})") from None
-    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    try:
-        sae.load_state_dict(model_state)
-    except RuntimeError as exc:
-        raise PatchSAEError(f"{path}: checkpoint does not match this SAE's shape ({str(exc).splitlines()[-1].strip()})") from None
+            meta = f.metadata() or {}
+            names = set(f.keys())
+        step, opt_meta, info = int(meta["step"]), json.loads(meta["opt"]), json.loads(meta["info"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RecursionError) as exc:
+        raise PatchSAEError(f"{path}: unreadable training checkpoint ({one_line(exc)})") from None
+    if step < 0 or not isinstance(info, dict) or not isinstance(opt_meta, dict) or not all(
+            k.rsplit(".", 1)[0] in params and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+            and float(v).is_integer() for k, v in opt_meta.items()):
+        raise PatchSAEError(f"{path}: unreadable training checkpoint (bad step, optimiser or info metadata)")
+    for n, p in params.items():  # Adam's state of a parameter is all of (step, both moments) or nothing
+        has = [f"opt.{n}.exp_avg" in names, f"opt.{n}.exp_avg_sq" in names, f"{n}.step" in opt_meta]
+        if any(has) and not all(has):
+            raise PatchSAEError(f"{path}: unreadable training checkpoint (incomplete optimiser state of {n})")
+        if all(has):
+            expected.update({f"opt.{n}.exp_avg": tuple(p.shape), f"opt.{n}.exp_avg_sq": tuple(p.shape)})
+    tensors = read_tensors(Path(path), expected, "does not match this SAE's shape", ("since_fired",))
+    sae.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     # through load_state_dict, which gives each optimiser implementation (fused or not) its own state layout
     opt_state = opt.state_dict()
-    for i, (name, p) in enumerate(sae.named_parameters()):
+    for i, name in enumerate(params):
         st = {key: tensors[f"opt.{name}.{key}"] for key in ("exp_avg", "exp_avg_sq") if f"opt.{name}.{key}" in tensors}
         if f"{name}.step" in opt_meta:
-            st["step"] = torch.tensor(opt_meta[f"{name}.step"], dtype=torch.float32)
+            st["step"] = torch.tensor(float(opt_meta[f"{name}.step"]), dtype=torch.float32)
         if st:
             opt_state["state"][i] = st
     opt.load_state_dict(opt_state)
-    return step, since_fired, info
+    return step, tensors["since_fired"].long(), info

@@ -23,7 +23,7 @@ from patchsae.data.base import SkipLog
 from patchsae.options import opt
 from patchsae.runs import Run
 from patchsae.runs.artefacts import open_run, open_run_dataset, read_analysis, sae_identity
-from patchsae.utils import atomic_path, csv_text, write_json
+from patchsae.utils import atomic_path, csv_text, write_json, write_safetensors
 
 NAME = "analyze"
 HELP = ("per-latent statistics, reference images, class counts, concept names and figures (DIR/analysis, "
@@ -135,10 +135,7 @@ def run(run: Run, opts: AnalyzeOptions = AnalyzeOptions(), progress: bool = True
         tensors["steer_name_index_S"] = steer_index_SN[:, 0]
     if group_ids:
         tensors["group_counts_S"] = latents.group_counts(stats.class_counts_CS, group_ids)
-    from safetensors.torch import save_file
-
-    with atomic_path(out / "stats.safetensors") as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    write_safetensors(out / "stats.safetensors", tensors)
     with atomic_path(out / "latents.csv") as tmp:
         tmp.write_text(_csv_text(stats, entropy_S, majority_S, names, name_index_SN, name_score_SN,
                                  ds.class_names))

@@ -87,13 +87,12 @@ def compare_adapted(run: Run, cfg, clip, sae, adapted: str | Path, opts: Compare
     """`run` on the run's config, CLIP and SAE as `open_run` returned them (opened once by a caller that compares
     several prompt sets). CLIP is only read (MaPLe shares its frozen weights); `t0`: when the stage started
     (default: now)."""
-    from safetensors.torch import save_file
 
     from patchsae.analysis.counts import paired_counts
     from patchsae.analysis.figures import groups_scatter_figure, pairs_masking_figure
     from patchsae.analysis.grid import masking_pairs
     from patchsae.analysis.groups import class_mean, group_table, latent_groups, pearson
-    from patchsae.utils import atomic_path, csv_text, write_json
+    from patchsae.utils import atomic_path, csv_text, write_json, write_safetensors
 
     from patchsae.data import open_dataset
     from patchsae.data.registry import base_novel_split
@@ -144,8 +143,7 @@ def compare_adapted(run: Run, cfg, clip, sae, adapted: str | Path, opts: Compare
         tensors.update({f"rank_{k.replace('/', '_')}_counts_CS": v.contiguous() for k, v in rank.items()})
         rows = masking_pairs(models, sae, ds, layer, {"clip": rank["clip"], "maple": rank["maple"]}, opts.ks,
                              opts.max_eval_images, opts.batch_size, progress)
-    with atomic_path(out / "counts.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"class_names": ",".join(names), "tau": str(opts.tau)})
+    write_safetensors(out / "counts.safetensors", tensors, {"class_names": ",".join(names), "tau": str(opts.tau)})
     n_cls = groups["high"].sum(1)
     with atomic_path(out / "groups.csv") as tmp:
         tmp.write_text(csv_text(["class", "name", "part", *groups], [
