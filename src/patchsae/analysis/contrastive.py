@@ -1,0 +1,84 @@
+"""CLIP's own contrastive loss with the hooked block's tokens edited: Table 2's "contrastive loss" columns.
+
+The reference evaluates an SAE by CLIP's training loss on a batch of images and their captions
+("A photo of a {class name}"): original, with the hooked block's CLS token replaced by its SAE reconstruction,
+and with that token zeroed; score = (CL_sae - CL_orig) / (CL_zero - CL_orig), 0 for a perfect reconstruction,
+1 for one no better than zero. We also report the same with every token replaced (or zeroed), the splice our
+zero-shot evaluation uses. The loss is HF CLIPModel(return_loss=True)'s: the mean of the two cross-entropies
+(texts -> images, images -> texts) of logit_scale * cosine similarity, targets on the diagonal. It depends on the
+batch size (the number of candidates), so compare batches of one size (the reference's: 128 images).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from patchsae.models.clip import ClipModel
+from patchsae.sae.model import SAE
+
+CAPTION = "A photo of a {}"  # the reference's caption of an image of a class
+
+
+def captions(class_names: Sequence[str], labels: Sequence[int]) -> list[str]:
+    """One caption per image, from its label."""
+    return [CAPTION.format(class_names[int(y)]) for y in labels]
+
+
+def clip_contrastive_loss(image_BE: torch.Tensor, text_BE: torch.Tensor, logit_scale: float | torch.Tensor
+                          ) -> torch.Tensor:
+    """CLIP's symmetric contrastive loss of B (image, caption) pairs; embeddings unnormalised, `logit_scale`
+    the multiplier (exp of the model's stored log scale). An all-zero embedding counts as uniform (loss
+    log B) where HF divides 0 by 0."""
+    logits_BB = logit_scale * F.normalize(text_BE.float(), dim=-1) @ F.normalize(image_BE.float(), dim=-1).T
+    target_B = torch.arange(len(logits_BB), device=logits_BB.device)
+    return (F.cross_entropy(logits_BB, target_B) + F.cross_entropy(logits_BB.T, target_B)) / 2
+
+
+def contrastive_loss_score(cl_sae: float, cl_orig: float, cl_zero: float) -> float:
+    """(CL_sae - CL_orig) / (CL_zero - CL_orig); NaN when zeroing changes nothing."""
+    denom = cl_zero - cl_orig
+    return (cl_sae - cl_orig) / denom if denom != 0 else float("nan")
+
+
+@torch.no_grad()
+def contrastive_losses(model: ClipModel, sae: SAE, pixels_BCHW: torch.Tensor, text_BE: torch.Tensor, layer: int,
+                       logit_scale: float | torch.Tensor) -> dict[str, float]:
+    """Table 2's contrastive losses on one batch: images `pixels_BCHW`, their captions' embeddings `text_BE`
+    (ClipModel.text_features), the SAE spliced at block `layer`. One forward to the block serves all five."""
+    h_BTD = model.block_output(pixels_BCHW, layer)
+    text_BE = text_BE.to(h_BTD.device)
+
+    def loss_of(h: torch.Tensor) -> float:
+        return clip_contrastive_loss(model.finish_from(h, layer), text_BE, logit_scale).item()
+
+    def with_cls(row_BD: torch.Tensor) -> torch.Tensor:
+        h = h_BTD.clone()
+        h[:, 0] = row_BD
+        return h
+
+    sae = sae.to(h_BTD.device).eval()
+    out = {"contrastive_loss_original": loss_of(h_BTD),
+           "contrastive_loss_sae_cls": loss_of(with_cls(sae(h_BTD[:, 0])[0])),
+           "contrastive_loss_zero_cls": loss_of(with_cls(torch.zeros_like(h_BTD[:, 0]))),
+           "contrastive_loss_sae_all": loss_of(sae(h_BTD)[0]),
+           "contrastive_loss_zero_all": loss_of(torch.zeros_like(h_BTD))}
+    return with_scores(out)
+
+
+def with_scores(losses: dict[str, float]) -> dict[str, float]:
+    """The losses plus the reference's score for the CLS splice and the same score for the all-token splice."""
+    orig = losses["contrastive_loss_original"]
+    return {**losses,
+            "contrastive_loss_score": contrastive_loss_score(losses["contrastive_loss_sae_cls"], orig,
+                                                             losses["contrastive_loss_zero_cls"]),
+            "contrastive_loss_score_all": contrastive_loss_score(losses["contrastive_loss_sae_all"], orig,
+                                                                 losses["contrastive_loss_zero_all"])}
+
+
+def mean_over_batches(per_batch: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Losses averaged over batches (of one size), scores recomputed from the averaged losses."""
+    keys = [k for k in per_batch[0] if not k.startswith("contrastive_loss_score")]
+    return with_scores({k: sum(b[k] for b in per_batch) / len(per_batch) for k in keys})
