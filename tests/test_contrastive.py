@@ -66,7 +66,8 @@ def _hf_loss(hf, model, pixels, texts, edit=None):
 def test_losses_equal_hf_clip_loss_for_every_edit(setup):
     model, hf, pixels, texts, sae = setup
     scale = hf.logit_scale.exp().item()
-    got = contrastive_losses(model, sae, pixels, model.text_features(texts), LAYER, scale)
+    assert model.logit_scale == pytest.approx(scale)
+    got = contrastive_losses(model, sae, pixels, model.text_features(texts), LAYER)
 
     def cls_to(fn):
         def edit(h):

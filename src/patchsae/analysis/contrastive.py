@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from patchsae.models.clip import ClipModel
+from patchsae.models.backbone import Backbone
 from patchsae.sae.model import SAE
 
 CAPTION = "A photo of a {}"  # the reference's caption of an image of a class
@@ -44,10 +44,12 @@ def contrastive_loss_score(cl_sae: float, cl_orig: float, cl_zero: float) -> flo
 
 
 @torch.no_grad()
-def contrastive_losses(model: ClipModel, sae: SAE, pixels_BCHW: torch.Tensor, text_BE: torch.Tensor, layer: int,
-                       logit_scale: float | torch.Tensor) -> dict[str, float]:
+def contrastive_losses(model: Backbone, sae: SAE, pixels_BCHW: torch.Tensor, text_BE: torch.Tensor, layer: int,
+                       logit_scale: float | None = None) -> dict[str, float]:
     """Table 2's contrastive losses on one batch: images `pixels_BCHW`, their captions' embeddings `text_BE`
-    (ClipModel.text_features), the SAE spliced at block `layer`. One forward to the block serves all five."""
+    (model.text_features), the SAE spliced at block `layer`; logit_scale defaults to the model's own. One
+    forward to the block serves all five."""
+    logit_scale = model.logit_scale if logit_scale is None else logit_scale
     h_BTD = model.block_output(pixels_BCHW, layer)
     text_BE = text_BE.to(h_BTD.device)
 
