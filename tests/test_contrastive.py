@@ -109,3 +109,27 @@ def test_mean_over_batches_recomputes_the_score_from_the_means():
     assert m["contrastive_loss_original"] == 2.0 and m["contrastive_loss_zero_cls"] == 5.0
     assert m["contrastive_loss_score"] == pytest.approx((3.0 - 2.0) / (5.0 - 2.0))
     assert m["contrastive_loss_score_all"] == pytest.approx((3.0 - 2.0) / (6.0 - 2.0))
+
+
+def test_contrastive_batches_score_full_batches_of_the_chosen_size(setup):
+    """Streamed in batches of 3, scored in batches of 4: the one full batch equals a direct call on the first 4
+    images; the remaining 2 are dropped. Fewer images than one batch: they are scored as one smaller batch."""
+    from patchsae.analysis.contrastive import ContrastiveBatches
+
+    model, _, pixels, texts, sae = setup
+    labels = torch.tensor([CLASSES.index(t.split()[-1]) for t in texts])
+    h = model.block_output(pixels, LAYER)
+    cb = ContrastiveBatches(model, sae, CLASSES, LAYER, batch_size=4)
+    cb.add(h[:3], labels[:3])
+    cb.add(h[3:], labels[3:])
+    got = cb.result()
+    want = contrastive_losses(model, sae, pixels[:4], model.text_features(texts[:4]), LAYER)
+    assert got["cl_batch_size"] == 4 and got["cl_batches"] == 1
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-6), key
+    small = ContrastiveBatches(model, sae, CLASSES, LAYER, batch_size=8)
+    small.add(h[:3], labels[:3])
+    got = small.result()
+    want = contrastive_losses(model, sae, pixels[:3], model.text_features(texts[:3]), LAYER)
+    assert got["cl_batch_size"] == 3 and got["cl_batches"] == 1
+    assert got["contrastive_loss_sae_cls"] == pytest.approx(want["contrastive_loss_sae_cls"], rel=1e-6)

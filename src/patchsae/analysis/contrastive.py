@@ -49,8 +49,14 @@ def contrastive_losses(model: Backbone, sae: SAE, pixels_BCHW: torch.Tensor, tex
     """Table 2's contrastive losses on one batch: images `pixels_BCHW`, their captions' embeddings `text_BE`
     (model.text_features), the SAE spliced at block `layer`; logit_scale defaults to the model's own. One
     forward to the block serves all five."""
+    return losses_from_block(model, sae, model.block_output(pixels_BCHW, layer), text_BE, layer, logit_scale)
+
+
+@torch.no_grad()
+def losses_from_block(model: Backbone, sae: SAE, h_BTD: torch.Tensor, text_BE: torch.Tensor, layer: int,
+                      logit_scale: float | None = None) -> dict[str, float]:
+    """contrastive_losses from the images' residual stream after block `layer`, h_BTD, already computed."""
     logit_scale = model.logit_scale if logit_scale is None else logit_scale
-    h_BTD = model.block_output(pixels_BCHW, layer)
     text_BE = text_BE.to(h_BTD.device)
 
     def loss_of(h: torch.Tensor) -> float:
@@ -84,3 +90,43 @@ def mean_over_batches(per_batch: Sequence[dict[str, float]]) -> dict[str, float]
     """Losses averaged over batches (of one size), scores recomputed from the averaged losses."""
     keys = [k for k in per_batch[0] if not k.startswith("contrastive_loss_score")]
     return with_scores({k: sum(b[k] for b in per_batch) / len(per_batch) for k in keys})
+
+
+class ContrastiveBatches:
+    """Table 2's contrastive losses over an evaluation that streams batches of another size: rows of the hooked
+    block's output and their labels are collected until `batch_size` images are there, and each full batch is
+    scored (a loss depends on the number of candidates, so every batch has the same size). If the images never
+    fill one batch, the remainder is scored as one smaller batch, and `result` says so."""
+
+    def __init__(self, model: Backbone, sae: SAE, class_names: Sequence[str], layer: int, batch_size: int = 128):
+        self.model, self.sae, self.layer, self.batch_size = model, sae, layer, batch_size
+        self.class_text_CE = model.text_features([CAPTION.format(c) for c in class_names])
+        self.h_parts: list[torch.Tensor] = []
+        self.label_parts: list[torch.Tensor] = []
+        self.per_batch: list[dict[str, float]] = []
+        self.sizes: list[int] = []
+
+    def _score(self, h_BTD: torch.Tensor, labels_B: torch.Tensor) -> None:
+        text_BE = self.class_text_CE[labels_B.to(self.class_text_CE.device)]
+        self.per_batch.append(losses_from_block(self.model, self.sae, h_BTD, text_BE, self.layer))
+        self.sizes.append(len(labels_B))
+
+    def add(self, h_BTD: torch.Tensor, labels_B: torch.Tensor) -> None:
+        self.h_parts.append(h_BTD)
+        self.label_parts.append(labels_B)
+        while sum(len(y) for y in self.label_parts) >= self.batch_size:
+            h, y = torch.cat(self.h_parts), torch.cat(self.label_parts)
+            self._score(h[: self.batch_size], y[: self.batch_size])
+            self.h_parts, self.label_parts = [h[self.batch_size:]], [y[self.batch_size:]]
+
+    def result(self) -> dict:
+        """The averaged losses and scores, the batch size used and the number of batches (remainder dropped)."""
+        rest = sum(len(y) for y in self.label_parts)
+        if not self.per_batch and rest:
+            self._score(torch.cat(self.h_parts), torch.cat(self.label_parts))
+        keys = ("contrastive_loss_original", "contrastive_loss_sae_cls", "contrastive_loss_zero_cls",
+                "contrastive_loss_score", "contrastive_loss_sae_all", "contrastive_loss_zero_all",
+                "contrastive_loss_score_all")
+        means = mean_over_batches(self.per_batch) if self.per_batch else dict.fromkeys(keys)
+        return {**{k: means[k] for k in keys}, "cl_batch_size": self.sizes[0] if self.sizes else 0,
+                "cl_batches": len(self.per_batch)}
