@@ -133,3 +133,20 @@ def test_contrastive_batches_score_full_batches_of_the_chosen_size(setup):
     want = contrastive_losses(model, sae, pixels[:3], model.text_features(texts[:3]), LAYER)
     assert got["cl_batch_size"] == 3 and got["cl_batches"] == 1
     assert got["contrastive_loss_sae_cls"] == pytest.approx(want["contrastive_loss_sae_cls"], rel=1e-6)
+
+
+def test_features_given_by_the_caller_are_used_instead_of_finishing_again(setup):
+    """evaluate passes the embeddings it finished for accuracy; wrong ones must change the result, right ones
+    must not."""
+    from patchsae.analysis.contrastive import losses_from_block
+
+    model, _, pixels, texts, sae = setup
+    h = model.block_output(pixels, LAYER)
+    text_BE = model.text_features(texts)
+    plain = losses_from_block(model, sae, h, text_BE, LAYER)
+    given = {"original": model.finish_from(h, LAYER), "sae_all": model.finish_from(sae(h)[0], LAYER),
+             "zero_all": model.finish_from(torch.zeros_like(h), LAYER)}
+    same = losses_from_block(model, sae, h, text_BE, LAYER, features=given)
+    assert same == pytest.approx(plain, rel=1e-6)
+    swapped = losses_from_block(model, sae, h, text_BE, LAYER, features={"original": given["zero_all"]})
+    assert swapped["contrastive_loss_original"] == pytest.approx(plain["contrastive_loss_zero_all"], rel=1e-6)

@@ -11,7 +11,7 @@ batch size (the number of candidates), so compare batches of one size (the refer
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,13 +54,17 @@ def contrastive_losses(model: Backbone, sae: SAE, pixels_BCHW: torch.Tensor, tex
 
 @torch.no_grad()
 def losses_from_block(model: Backbone, sae: SAE, h_BTD: torch.Tensor, text_BE: torch.Tensor, layer: int,
-                      logit_scale: float | None = None) -> dict[str, float]:
-    """contrastive_losses from the images' residual stream after block `layer`, h_BTD, already computed."""
+                      logit_scale: float | None = None, features: dict[str, torch.Tensor] | None = None
+                      ) -> dict[str, float]:
+    """contrastive_losses from the images' residual stream after block `layer`, h_BTD, already computed.
+    `features` may hold image embeddings a caller has already finished: "original", "sae_all", "zero_all"."""
     logit_scale = model.logit_scale if logit_scale is None else logit_scale
     text_BE = text_BE.to(h_BTD.device)
+    features = features or {}
 
-    def loss_of(h: torch.Tensor) -> float:
-        return clip_contrastive_loss(model.finish_from(h, layer), text_BE, logit_scale).item()
+    def loss_of(name: str, make_h: Callable[[], torch.Tensor]) -> float:
+        image_BE = features[name] if name in features else model.finish_from(make_h(), layer)
+        return clip_contrastive_loss(image_BE, text_BE, logit_scale).item()
 
     def with_cls(row_BD: torch.Tensor) -> torch.Tensor:
         h = h_BTD.clone()
@@ -68,11 +72,11 @@ def losses_from_block(model: Backbone, sae: SAE, h_BTD: torch.Tensor, text_BE: t
         return h
 
     sae = sae.to(h_BTD.device).eval()
-    out = {"contrastive_loss_original": loss_of(h_BTD),
-           "contrastive_loss_sae_cls": loss_of(with_cls(sae(h_BTD[:, 0])[0])),
-           "contrastive_loss_zero_cls": loss_of(with_cls(torch.zeros_like(h_BTD[:, 0]))),
-           "contrastive_loss_sae_all": loss_of(sae(h_BTD)[0]),
-           "contrastive_loss_zero_all": loss_of(torch.zeros_like(h_BTD))}
+    out = {"contrastive_loss_original": loss_of("original", lambda: h_BTD),
+           "contrastive_loss_sae_cls": loss_of("sae_cls", lambda: with_cls(sae(h_BTD[:, 0])[0])),
+           "contrastive_loss_zero_cls": loss_of("zero_cls", lambda: with_cls(torch.zeros_like(h_BTD[:, 0]))),
+           "contrastive_loss_sae_all": loss_of("sae_all", lambda: sae(h_BTD)[0]),
+           "contrastive_loss_zero_all": loss_of("zero_all", lambda: torch.zeros_like(h_BTD))}
     return with_scores(out)
 
 
@@ -101,29 +105,35 @@ class ContrastiveBatches:
     def __init__(self, model: Backbone, sae: SAE, class_names: Sequence[str], layer: int, batch_size: int = 128):
         self.model, self.sae, self.layer, self.batch_size = model, sae, layer, batch_size
         self.class_text_CE = model.text_features([CAPTION.format(c) for c in class_names])
-        self.h_parts: list[torch.Tensor] = []
-        self.label_parts: list[torch.Tensor] = []
+        self.parts: list[dict[str, torch.Tensor]] = []  # images not scored yet: "h", "y" and any features
         self.per_batch: list[dict[str, float]] = []
         self.sizes: list[int] = []
 
-    def _score(self, h_BTD: torch.Tensor, labels_B: torch.Tensor) -> None:
-        text_BE = self.class_text_CE[labels_B.to(self.class_text_CE.device)]
-        self.per_batch.append(losses_from_block(self.model, self.sae, h_BTD, text_BE, self.layer))
-        self.sizes.append(len(labels_B))
+    def _score(self, part: dict[str, torch.Tensor]) -> None:
+        text_BE = self.class_text_CE[part["y"].to(self.class_text_CE.device)]
+        features = {k: v for k, v in part.items() if k not in ("h", "y")}
+        self.per_batch.append(losses_from_block(self.model, self.sae, part["h"], text_BE, self.layer,
+                                                features=features))
+        self.sizes.append(len(part["y"]))
 
-    def add(self, h_BTD: torch.Tensor, labels_B: torch.Tensor) -> None:
-        self.h_parts.append(h_BTD)
-        self.label_parts.append(labels_B)
-        while sum(len(y) for y in self.label_parts) >= self.batch_size:
-            h, y = torch.cat(self.h_parts), torch.cat(self.label_parts)
-            self._score(h[: self.batch_size], y[: self.batch_size])
-            self.h_parts, self.label_parts = [h[self.batch_size:]], [y[self.batch_size:]]
+    def _pending(self) -> dict[str, torch.Tensor]:
+        keys = set.intersection(*(set(p) for p in self.parts))
+        return {k: torch.cat([p[k] for p in self.parts]) for k in keys}
+
+    def add(self, h_BTD: torch.Tensor, labels_B: torch.Tensor, features: dict[str, torch.Tensor] | None = None
+            ) -> None:
+        """Images' block output and labels; `features`: their image embeddings already finished by the caller
+        (see losses_from_block), reused instead of running the tower again."""
+        self.parts.append({"h": h_BTD, "y": labels_B, **(features or {})})
+        while sum(len(p["y"]) for p in self.parts) >= self.batch_size:
+            pending, b = self._pending(), self.batch_size
+            self._score({k: v[:b] for k, v in pending.items()})
+            self.parts = [{k: v[b:] for k, v in pending.items()}]
 
     def result(self) -> dict:
         """The averaged losses and scores, the batch size used and the number of batches (remainder dropped)."""
-        rest = sum(len(y) for y in self.label_parts)
-        if not self.per_batch and rest:
-            self._score(torch.cat(self.h_parts), torch.cat(self.label_parts))
+        if not self.per_batch and self.parts and len(self._pending()["y"]):
+            self._score(self._pending())
         keys = ("contrastive_loss_original", "contrastive_loss_sae_cls", "contrastive_loss_zero_cls",
                 "contrastive_loss_score", "contrastive_loss_sae_all", "contrastive_loss_zero_all",
                 "contrastive_loss_score_all")

@@ -38,11 +38,13 @@ def evaluate(model: Backbone, sae: SAE, ds: LabelledImages, layer: int, batch_si
         xhat_BTD = sae.decode(f_BTS)
         stats.update(h_BTD[:, image_rows], xhat_BTD[:, image_rows], f_BTS[:, image_rows])
         labels = labels.to(model.device)
+        features = {name: model.finish_from(resid, layer) for name, resid in (
+            ("original", h_BTD), ("sae_all", xhat_BTD), ("zero_all", torch.zeros_like(h_BTD)))}
         if contrastive is not None:
-            contrastive.add(h_BTD, labels)
-        for key, resid in (("zero_shot_accuracy", h_BTD), ("spliced_accuracy", xhat_BTD),
-                           ("zero_ablated_accuracy", torch.zeros_like(h_BTD))):
-            pred = model.logits(model.finish_from(resid, layer), head_CE).argmax(-1)
+            contrastive.add(h_BTD, labels, features)
+        for key, name in (("zero_shot_accuracy", "original"), ("spliced_accuracy", "sae_all"),
+                          ("zero_ablated_accuracy", "zero_all")):
+            pred = model.logits(features[name], head_CE).argmax(-1)
             correct[key] += (pred == labels).sum().item()
         n += len(labels)
     metrics = {**stats.result(), **stats.table2()}
