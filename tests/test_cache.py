@@ -400,3 +400,33 @@ def test_cached_tokens_never_holds_a_permutation_of_all_tokens(tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MB"
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_cached_tokens_with_cls_marks_the_cls_rows(fake_cache, world):
+    """with_cls yields the same rows plus cls_N; the fake cache's value (row, position) says which are CLS."""
+    for rank in range(world):
+        plain = CachedTokens(fake_cache, "all", seed=5).batches(10, rank=rank, world=world)
+        marked = CachedTokens(fake_cache, "all", seed=5).batches(10, rank=rank, world=world, with_cls=True)
+        for _ in range(12):  # crosses an epoch boundary
+            x_ND, cls_N = next(marked)
+            assert torch.equal(x_ND, next(plain))
+            assert cls_N.dtype == torch.bool and cls_N.tolist() == [KINDS[int(p)] == "cls" for p in x_ND[:, 1]]
+    _, cls_N = next(CachedTokens(fake_cache, "patch", seed=5).batches(10, with_cls=True))
+    assert not cls_N.any()
+
+
+def test_streamed_tokens_with_cls_marks_the_cls_rows(tiny, fm_test):
+    ds = Subset(fm_test, 6)
+    src = StreamedTokens(tiny, ds, -2, "all", seed=0)
+    pixels = tiny.preprocess([ds.load(i)[0] for i in range(6)])
+    h = tiny.block_output(pixels, -2)
+    is_cls = torch.zeros(h.shape[:2], dtype=torch.bool)
+    is_cls[:, 0] = True
+    pool, pool_cls = h.reshape(-1, tiny.d_model), is_cls.reshape(-1)
+    plain, marked = src.batches(64), src.batches(64, with_cls=True)
+    for _ in range(4):
+        x_ND, cls_N = next(marked)
+        assert torch.allclose(x_ND, next(plain), atol=1e-6)
+        nearest = torch.cdist(x_ND, pool, compute_mode=CDIST).argmin(dim=1)
+        assert cls_N.tolist() == pool_cls[nearest].tolist() and cls_N.any()

@@ -103,6 +103,14 @@ def test_quickstart_summary(quick_run, tiny_clip_dir):
                 "spliced_accuracy", "zero_ablated_accuracy"):
         assert summary[key] == metrics[key], key
     assert metrics["eval_images"] == 200
+    # Table 2's metrics, in both files; one contrastive batch of 128 of the 200 images
+    for key in ("normalized_mse", "l1", "l0", "explained_variance_uncentred", "contrastive_loss_original",
+                "contrastive_loss_sae_cls", "contrastive_loss_zero_cls", "contrastive_loss_score",
+                "contrastive_loss_sae_all", "contrastive_loss_zero_all", "contrastive_loss_score_all"):
+        assert summary[key] == metrics[key] and metrics[key] is not None, key
+    assert metrics["cl_batch_size"] == 128 and metrics["cl_batches"] == 1
+    assert metrics["l0"] == metrics["l0_per_token"] and metrics["normalized_mse"] > 0 and metrics["l1"] > 0
+    assert metrics["explained_variance_uncentred"] >= metrics["explained_variance"]
 
     png = quick_run / "figures" / "log_density.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -181,3 +189,22 @@ def test_run_dir_reused_with_another_model_is_refused(quick_run, tmp_path):
     _assert_one_line_error(proc, "model")
     assert (quick_run / "config.json").read_bytes() == config_before
     assert (quick_run / "summary.json").read_bytes() == summary_before
+
+
+def test_quickstart_with_the_reference_objective(tiny_clip_dir, tmp_path):
+    """--objective and --mse-cls-coefficient reach the trained SAE (CLS rows from the cache), and
+    --cl-batch-size 0 leaves the contrastive losses out."""
+    from patchsae.sae.checkpoint import load_sae
+    from patchsae.sae.model import ReferenceReLUSAE
+
+    run = tmp_path / "run"
+    rc = cli.main(["quickstart", "--run", str(run), "--model", str(tiny_clip_dir), *QUICK, "--arch", "relu",
+                   "--objective", "reference", "--mse-cls-coefficient", "0.5", "--l1-coeff", "1e-3",
+                   "--cl-batch-size", "0"])
+    assert rc == 0
+    sae, meta = load_sae(run / "sae")
+    assert type(sae) is ReferenceReLUSAE and sae.input_scale.item() == 1.0
+    assert meta["sae"]["objective"] == "reference" and meta["sae"]["mse_cls_coefficient"] == 0.5
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["contrastive_loss_original"] is None and metrics["cl_batches"] == 0
+    assert json.loads((run / "config.json").read_text())["objective"] == "reference"

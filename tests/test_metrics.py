@@ -102,3 +102,39 @@ def test_perfect_reconstruction_and_constant_input():
     r = s.result()
     assert np.isnan(r["explained_variance"]) or r["explained_variance"] is None
     assert r["dead_fraction"] == 1.0 and r["l0_per_token"] == 0
+
+
+# ---- Table 2's metrics ----------------------------------------------------------------------------------------
+
+def test_table2_functions_against_numpy_and_the_streamed_stats():
+    from patchsae.sae.metrics import (explained_variance, explained_variance_uncentred, l0, l1, normalized_mse)
+
+    batches = _batches(seed=4)
+    x = np.concatenate([b[0].reshape(-1, 10) for b in batches]).astype(np.float64)
+    xhat = np.concatenate([b[1].reshape(-1, 10) for b in batches]).astype(np.float64)
+    f = np.concatenate([b[2].reshape(-1, 24) for b in batches]).astype(np.float64)
+    f[::3, 8] = -0.5  # a negative activation: L1 counts its size, L0 (f > 0, the reference's) does not
+    want = {
+        "normalized_mse": np.mean((xhat - x) ** 2 / np.sqrt((x ** 2).sum(1, keepdims=True))),
+        "l1": np.abs(f).sum(1).mean(),
+        "l0": (f > 0).sum(1).mean(),
+        "explained_variance": 1 - ((x - xhat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(),
+        "explained_variance_uncentred": 1 - ((x - xhat) ** 2).sum(1).mean() / (x ** 2).sum(1).mean(),
+    }
+    # the per-dimension offsets make the uncentred EV much higher: the two must not be confused
+    assert want["explained_variance_uncentred"] > want["explained_variance"] + 0.05
+    tx, txhat, tf = (torch.from_numpy(a).reshape(-1, 6, a.shape[1]) for a in (x, xhat, f))  # (images, T, dim)
+    got = {"normalized_mse": normalized_mse(tx, txhat), "l1": l1(tf), "l0": l0(tf),
+           "explained_variance": explained_variance(tx, txhat),
+           "explained_variance_uncentred": explained_variance_uncentred(tx, txhat)}
+    stats = ReconstructionStats(10, 24)
+    start = 0
+    for b in batches:  # streamed in the original batches
+        n = b[0].shape[0] * b[0].shape[1]
+        stats.update(tx.reshape(-1, 10)[start:start + n].reshape(b[0].shape), txhat.reshape(-1, 10)[start:start + n],
+                     tf.reshape(-1, 24)[start:start + n])
+        start += n
+    streamed = stats.table2()
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-12), key
+        assert streamed[key] == pytest.approx(value, rel=1e-9), key

@@ -117,8 +117,18 @@ def test_paper_dry_run_budget(tmp_path, capsys):
         assert f"{number:,}" in out, number
     for setting in ('"model": "openai/clip-vit-base-patch16"', '"layer": -2', '"arch": "relu"', '"expansion": 64',
                     '"l1_coeff": 8e-05', '"lr": 0.0004', '"warmup_steps": 500', '"batch_tokens": 25216',
-                    '"dataset": "imagenet-1k"', '"tokens": "all"'):
+                    '"dataset": "imagenet-1k"', '"tokens": "all"', '"objective": "reference"'):
         assert setting in out
+    assert "objective            relu, reference: raw activations" in out
+
+
+def test_objective_options_reach_the_sae_config(tmp_path, capsys):
+    argv = ["train", "--preset", "paper", "--dry-run", "--run", str(tmp_path / "r"), "--objective", "scaled"]
+    assert main(argv) == 0
+    assert "relu, scaled: activations scaled" in capsys.readouterr().out
+    argv[-1] = "paper-like"
+    with pytest.raises(SystemExit):  # argparse refuses a value outside the choices
+        main(argv)
 
 
 def test_dry_run_respects_overrides(tmp_path, capsys):

@@ -33,7 +33,7 @@ def _sae(arch: str, seed: int = 0) -> tuple[SAE, torch.Tensor]:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sae_of_a_config_is_the_registered_type_with_its_checkpoint_keys(arch):
     sae, _ = _sae(arch)
-    assert type(sae) is TYPES[arch] is VARIANTS[arch] and isinstance(sae, SAE)
+    assert type(sae) is TYPES[arch] is VARIANTS[(arch, "scaled")] and isinstance(sae, SAE)
     extra = {"batchtopk": ["threshold"], "jumprelu": ["log_threshold"]}.get(arch, [])
     # the checkpoint format of the single-class SAE: same keys, same order
     assert sorted(sae.state_dict()) == sorted(BASE_STATE + extra)
@@ -45,7 +45,7 @@ def test_sae_of_a_config_is_the_registered_type_with_its_checkpoint_keys(arch):
 
 
 def test_a_variant_type_refuses_another_architectures_config():
-    with pytest.raises(PatchSAEError, match="ReLUSAE is the 'relu' SAE, not 'topk'"):
+    with pytest.raises(PatchSAEError, match="ReLUSAE is the .relu. SAE with the .scaled. objective, not .topk."):
         ReLUSAE(SAEConfig(d_model=4, d_sae=16, arch="topk", k=2))
 
 

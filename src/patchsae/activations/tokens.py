@@ -24,6 +24,12 @@ def token_positions(kinds: list[str], tokens: str) -> np.ndarray:
     return np.array([i for i, k in enumerate(kinds) if k in TOKEN_SETS[tokens]], dtype=np.int64)
 
 
+def cls_positions(kinds: list[str], positions: np.ndarray) -> np.ndarray:
+    """(len(positions),) bool: which of the selected positions is a CLS token (the reference objective
+    weights their error by mse_cls_coefficient)."""
+    return np.array([kinds[q] == "cls" for q in positions], dtype=bool)
+
+
 CHUNK_IMAGES = 16  # images whose tokens stay together in the first shuffle level (contiguous on disk)
 WINDOW_CHUNKS = 256  # chunks whose tokens are shuffled together in the second level
 
@@ -42,6 +48,7 @@ class CachedTokens:
                  window_chunks: int = WINDOW_CHUNKS):
         self.cache = cache
         self.positions = token_positions(cache.kinds, tokens)
+        self.cls_P = cls_positions(cache.kinds, self.positions)
         self.seed = seed
         self.n_tokens = cache.n_images * len(self.positions)
         if self.n_tokens == 0:
@@ -96,15 +103,18 @@ class CachedTokens:
         rng = np.random.default_rng([self.seed, 2**31 - 1])
         return self._gather(np.sort(rng.choice(self.n_tokens, size=min(n, self.n_tokens), replace=False)))
 
-    def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
+    def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world: int = 1,
+                with_cls: bool = False) -> Iterator[torch.Tensor]:
         """Global batch s is tokens s*batch_size.. of the epoch's order (the epoch's last batch may be short);
-        rank r of `world` gets the r-th of `world` near-equal parts of it, in token-id order."""
+        rank r of `world` gets the r-th of `world` near-equal parts of it, in token-id order. with_cls: yield
+        (x_ND, cls_N), cls_N marking the CLS rows."""
         per_epoch = self.steps_per_epoch(batch_size)
         step = start_step
         while True:
             epoch, b = divmod(step, per_epoch)
-            ids = np.sort(self._batch_ids(epoch, b, batch_size))
-            yield self._gather(np.array_split(ids, world)[rank])
+            ids = np.array_split(np.sort(self._batch_ids(epoch, b, batch_size)), world)[rank]
+            x_ND = self._gather(ids)
+            yield (x_ND, torch.from_numpy(self.cls_P[ids % len(self.positions)])) if with_cls else x_ND
             step += 1
 
 
@@ -115,6 +125,7 @@ class StreamedTokens:
     def __init__(self, model, ds, layer: int, tokens: str = "all", seed: int = 0, images_per_step: int = 0):
         self.model, self.ds, self.layer, self.seed = model, ds, model.resolve_layer(layer), seed
         self.positions = token_positions(model.layout().kinds(), tokens)
+        self.cls_P = cls_positions(model.layout().kinds(), self.positions)
         self.n_tokens = len(ds) * len(self.positions)
         self.images_per_step = images_per_step
 
@@ -135,10 +146,11 @@ class StreamedTokens:
         imgs = rng.choice(len(self.ds), size=min(len(self.ds), -(-n // per_image)), replace=False)
         return self._tokens_of(np.sort(imgs))[:n]
 
-    def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
+    def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world: int = 1,
+                with_cls: bool = False) -> Iterator[torch.Tensor]:
         """Each step takes the next n_img images of the epoch's permutation (the epoch's remainder is
         dropped, so every batch is full); a step that lost images to decode errors is topped up from the
-        images after the epoch's last full step. One process only (world 1)."""
+        images after the epoch's last full step. One process only (world 1). with_cls: yield (x_ND, cls_N)."""
         if world != 1:
             raise PatchSAEError("on-the-fly extraction trains in one process; cache first to train on several")
         per_image = len(self.positions)
@@ -159,5 +171,7 @@ class StreamedTokens:
                     raise PatchSAEError(f"too many unreadable images in {self.ds.name} to fill a batch")
                 x_ND = torch.cat([x_ND, self._tokens_of([int(nxt)])])
             pick = np.random.default_rng([self.seed, epoch, b]).permutation(len(x_ND))[:batch_size]
-            yield x_ND[torch.from_numpy(pick)]
+            x_ND = x_ND[torch.from_numpy(pick)]
+            # rows come image by image in `positions` order, so row i is selected position i % per_image
+            yield (x_ND, torch.from_numpy(self.cls_P[pick % per_image])) if with_cls else x_ND
             step += 1

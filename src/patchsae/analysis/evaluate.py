@@ -1,6 +1,7 @@
 """Held-out evaluation of a trained SAE inside its CLIP: reconstruction metrics, and zero-shot accuracy of
 the original model, with the SAE reconstruction spliced into all tokens of the hooked block, and with that
-block's output zero-ablated. One forward to the hooked block per batch serves all of them."""
+block's output zero-ablated; Table 2's metrics (sae/metrics.py) and CLIP's contrastive losses with the CLS
+token or every token spliced (analysis/contrastive.py). One forward to the hooked block per batch serves all."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ from pathlib import Path
 import torch
 
 from patchsae.data.base import LabelledImages, SkipLog, iter_batches
-from patchsae.models.clip import ClipModel
+from patchsae.analysis.contrastive import ContrastiveBatches
+from patchsae.models.backbone import Backbone
 from patchsae.sae.metrics import ReconstructionStats
 from patchsae.sae.model import SAE
 
 
 @torch.no_grad()
-def evaluate(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, batch_size: int = 256,
-             max_images: int | None = None, progress: bool = True) -> tuple[dict, torch.Tensor]:
-    """Return (metrics, per-latent token firing frequency)."""
+def evaluate(model: Backbone, sae: SAE, ds: LabelledImages, layer: int, batch_size: int = 256,
+             max_images: int | None = None, progress: bool = True,
+             cl_batch_size: int = 128) -> tuple[dict, torch.Tensor]:
+    """Return (metrics, per-latent token firing frequency). cl_batch_size: images per contrastive-loss batch
+    (0: no contrastive losses)."""
     sae = sae.to(model.device).eval()
     head_CE = model.text_head(ds.class_names)
     stats = ReconstructionStats(sae.cfg.d_model, sae.cfg.d_sae)
@@ -26,6 +30,7 @@ def evaluate(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, batch_s
     n = 0
     order = range(min(len(ds), max_images)) if max_images else None
     skips = SkipLog()
+    contrastive = ContrastiveBatches(model, sae, ds.class_names, layer, cl_batch_size) if cl_batch_size else None
     for pixels, labels, _ in iter_batches(ds, model.preprocess, batch_size, order, skips,
                                           "evaluate" if progress else None):
         h_BTD = model.block_output(pixels, layer)
@@ -33,12 +38,18 @@ def evaluate(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, batch_s
         xhat_BTD = sae.decode(f_BTS)
         stats.update(h_BTD[:, image_rows], xhat_BTD[:, image_rows], f_BTS[:, image_rows])
         labels = labels.to(model.device)
-        for key, resid in (("zero_shot_accuracy", h_BTD), ("spliced_accuracy", xhat_BTD),
-                           ("zero_ablated_accuracy", torch.zeros_like(h_BTD))):
-            pred = model.logits(model.finish_from(resid, layer), head_CE).argmax(-1)
+        features = {name: model.finish_from(resid, layer) for name, resid in (
+            ("original", h_BTD), ("sae_all", xhat_BTD), ("zero_all", torch.zeros_like(h_BTD)))}
+        if contrastive is not None:
+            contrastive.add(h_BTD, labels, features)
+        for key, name in (("zero_shot_accuracy", "original"), ("spliced_accuracy", "sae_all"),
+                          ("zero_ablated_accuracy", "zero_all")):
+            pred = model.logits(features[name], head_CE).argmax(-1)
             correct[key] += (pred == labels).sum().item()
         n += len(labels)
-    metrics = stats.result()
+    metrics = {**stats.result(), **stats.table2()}
+    if contrastive is not None:
+        metrics.update(contrastive.result())
     metrics.update({k: v / n for k, v in correct.items()})
     metrics["eval_images"] = n
     metrics["eval_skipped"] = skips.count

@@ -39,6 +39,12 @@ class RunConfig:
     k: int = opt(32, "active latents per token for topk", show_default=False)
     l1_coeff: float = opt(8e-5, "L1 coefficient lambda for relu (paper: 8e-5)", show_default=False)
     l0_coeff: float = opt(1e-3, "L0 penalty coefficient for jumprelu", show_default=False)
+    objective: str = opt("scaled", "relu only: scaled (activations scaled once to E||x||^2 = d_model, plain MSE) or "
+                         "reference (the reference code's loss: raw activations, MSE normalised by each token's "
+                         "norm, its ghost grads, Kaiming init; the paper preset)", choices=("scaled", "reference"),
+                         show_default=False)
+    mse_cls_coefficient: float = opt(1.0, "reference objective: weight of the CLS tokens' error in the MSE",
+                                     show_default=False)
     lr: float = opt(4e-4, "Adam learning rate (paper: 4e-4)", show_default=False)
     warmup_steps: int = opt(500, "linear warm-up steps (paper: 500)", show_default=False)
     batch_tokens: int = opt(4096, "tokens per training step", show_default=False)

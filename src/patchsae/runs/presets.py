@@ -19,11 +19,12 @@ VIT_B16_TOKENS = 197  # 14 x 14 patches + CLS
 
 # Lim et al. (ICLR 2025): ViT-B/16, block 11 of 12 (index -2), all tokens, ReLU SAE x64, lambda 8e-5, Adam 4e-4
 # with 500 warm-up steps, 128 images per step, ImageNet-1k train; ~2.6 M images seen, i.e. about two passes.
-# Ghost grads (the relu default) and the geometric-median b_dec are always on in this package.
+# Ghost grads (the relu default) and the geometric-median b_dec are always on in this package. lambda = 8e-5
+# belongs to the reference code's objective (raw activations, per-token normalised MSE), so the preset uses it.
 PRESETS: dict[str, dict] = {
     "paper": dict(model="openai/clip-vit-base-patch16", dataset="imagenet-1k", train_split="train",
                   eval_split="validation", layer=-2, tokens="all", arch="relu", expansion=64, l1_coeff=8e-5,
-                  lr=4e-4, warmup_steps=500, batch_tokens=PAPER_IMAGES_PER_STEP * VIT_B16_TOKENS, epochs=2.0),
+                  objective="reference", lr=4e-4, warmup_steps=500, batch_tokens=PAPER_IMAGES_PER_STEP * VIT_B16_TOKENS, epochs=2.0),
 }
 
 
@@ -79,6 +80,15 @@ def _gb(n: int) -> str:
     return f"{n:,} bytes ({n / 1e9:,.1f} GB)"
 
 
+def _objective(cfg: RunConfig) -> str:
+    if cfg.arch != "relu":
+        return f"{cfg.arch} (scaled activations, plain MSE)"
+    if cfg.objective == "reference":
+        return (f"relu, reference: raw activations, MSE normalised by each token's norm (CLS weight "
+                f"{cfg.mse_cls_coefficient:g}), lambda {cfg.l1_coeff:g}")
+    return f"relu, scaled: activations scaled to E||x||^2 = d_model, plain MSE, lambda {cfg.l1_coeff:g}"
+
+
 def format_dry_run(cfg: RunConfig, b: dict) -> str:
     lines = ["resolved configuration:", json.dumps(cfg.to_json(), indent=2), "budget:",
              f"  model shape          width {b['d_model']}, {b['n_blocks']} blocks, {b['tokens_per_image']} "
@@ -90,6 +100,7 @@ def format_dry_run(cfg: RunConfig, b: dict) -> str:
              f"  SAE                  {b['d_model']} -> {b['d_sae']:,} latents, {b['sae_params']:,} parameters, "
              f"{_gb(b['sae_bytes_fp32'])} in fp32",
              f"  SAE + Adam (fp32)    {_gb(b['sae_adam_bytes_fp32'])}",
+             f"  objective            {_objective(cfg)}",
              f"  trained tokens       {b['trained_tokens']:,} ({cfg.epochs:g} epochs, tokens={cfg.tokens})",
              f"  batch                {b['batch_tokens']:,} tokens ({b['images_per_step']:g} images) per step",
              f"  steps                {b['steps']:,}",

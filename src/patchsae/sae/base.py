@@ -2,7 +2,8 @@
 the unit-norm decoder constraint, and the registry that makes `SAE(cfg)` build the type of `cfg.arch`.
 
 A variant (relu.py, topk.py, jumprelu.py) supplies three things: `activate` (dense codes from
-pre-activations), `_select` (which latents each token keeps, for the sparse paths) and `loss`.
+pre-activations), `_select` (which latents each token keeps, for the sparse paths) and `loss`; it is
+registered under its (arch, objective) and may change the initialisation (`_initial_weights`).
 Inputs are multiplied by `input_scale` (fixed at initialisation so that E||x||^2 = d_model on the first
 sample) before encoding and divided after decoding: callers pass and get raw activations.
 """
@@ -18,24 +19,27 @@ from patchsae.sae.config import ARCHS, SAEConfig
 from patchsae.sae.kernels import GatherPreActs, Workspaces
 from patchsae.sae.losses import LOCAL, BatchStats
 
-VARIANTS: dict[str, type[SAE]] = {}  # SAEConfig.arch -> its SAE subclass, filled by `register`
+VARIANTS: dict[tuple[str, str], type[SAE]] = {}  # (arch, objective) -> its SAE subclass, filled by `register`
 
 
-def register(arch: str):
-    """Class decorator: the SAE type built for `SAEConfig(arch=arch)`."""
+def register(arch: str, objective: str = "scaled"):
+    """Class decorator: the SAE type built for `SAEConfig(arch=arch, objective=objective)`."""
     def deco(cls):
-        VARIANTS[arch] = cls
-        cls.arch = arch
+        VARIANTS[(arch, objective)] = cls
+        cls.arch, cls.objective = arch, objective
         return cls
     return deco
 
 
-def variant(arch: str) -> type[SAE]:
-    if arch not in VARIANTS:
+def variant(cfg: SAEConfig) -> type[SAE]:
+    """The SAE type of a configuration."""
+    key = (cfg.arch, cfg.objective)
+    if key not in VARIANTS:
         import patchsae.sae.model  # noqa: F401  (imports every variant module, which registers itself)
-    if arch not in VARIANTS:
-        raise PatchSAEError(f"unknown SAE architecture {arch!r} (choose {', '.join(ARCHS)})")
-    return VARIANTS[arch]
+    if key not in VARIANTS:
+        raise PatchSAEError(f"no SAE type for architecture {cfg.arch!r} with objective {cfg.objective!r} "
+                            f"(architectures: {', '.join(ARCHS)})")
+    return VARIANTS[key]
 
 
 def geometric_median(points_ND: torch.Tensor, iters: int = 200, eps: float = 1e-8) -> torch.Tensor:
@@ -59,31 +63,38 @@ class SAE(nn.Module):
     """Base of the SAE variants. `SAE(cfg)` returns an instance of the variant registered for `cfg.arch`,
     so callers never name the subclasses; `isinstance(sae, SAE)` holds for every variant."""
 
-    arch: str = ""
+    arch: str = ""  # set by `register`
+    objective: str = ""
 
     def __new__(cls, cfg: SAEConfig | None = None, *args, **kwargs):
         if cls is SAE:
             if cfg is None:
                 raise PatchSAEError("SAE(cfg) needs an SAEConfig")
-            cls = variant(cfg.arch)
+            cls = variant(cfg)
         return super().__new__(cls)
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
-        if cfg.arch != type(self).arch:
-            raise PatchSAEError(f"{type(self).__name__} is the {type(self).arch!r} SAE, not {cfg.arch!r}")
+        if type(self) is not variant(cfg):
+            raise PatchSAEError(f"{type(self).__name__} is the {type(self).arch!r} SAE with the "
+                                f"{type(self).objective!r} objective, not {cfg.arch!r} with {cfg.objective!r}")
         self.cfg = cfg
-        w = torch.empty(cfg.d_sae, cfg.d_model)
-        nn.init.kaiming_uniform_(w)
-        w = F.normalize(w, dim=1)
-        self.W_dec = nn.Parameter(w.clone())  # (d_sae, d_model), unit rows
-        # encoder starts as the decoder's transpose, scaled so the initial reconstruction has x's size
-        # rather than d_sae / d_model times it
-        self.W_enc = nn.Parameter(w.T.clone() * min(1.0, cfg.d_model / cfg.d_sae))  # (d_model, d_sae)
+        W_enc_DS, W_dec_SD = self._initial_weights(cfg)
+        self.W_dec = nn.Parameter(W_dec_SD)  # (d_sae, d_model), unit rows
+        self.W_enc = nn.Parameter(W_enc_DS)  # (d_model, d_sae)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_model))
         self.register_buffer("input_scale", torch.ones(()))
         self._work = Workspaces()
+
+    @staticmethod
+    def _initial_weights(cfg: SAEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_enc_DS, W_dec_SD): unit Kaiming-uniform decoder rows; the encoder starts as the decoder's
+        transpose, scaled so the initial reconstruction has x's size rather than d_sae / d_model times it."""
+        w = torch.empty(cfg.d_sae, cfg.d_model)
+        nn.init.kaiming_uniform_(w)
+        w = F.normalize(w, dim=1)
+        return w.T.clone() * min(1.0, cfg.d_model / cfg.d_sae), w.clone()
 
     def _buffer(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return self._work.get(name, shape, dtype, device)
@@ -98,9 +109,10 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     def loss(self, x_ND: torch.Tensor, dead_S: torch.Tensor | None = None,
-             stats: BatchStats = LOCAL) -> tuple[torch.Tensor, dict]:
+             stats: BatchStats = LOCAL, cls_N: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Training loss on raw activations and its parts (mse, l0, fired_S, ...); all terms are means over
-        tokens in the scaled space. `stats` reduces the batch-level statistics (see BatchStats)."""
+        tokens in the scaled space. `stats` reduces the batch-level statistics (see BatchStats). cls_N (tokens,)
+        bool marks the rows that are CLS tokens; only the reference objective reads it (mse_cls_coefficient)."""
         raise NotImplementedError
 
     # ---- initialisation --------------------------------------------------------------------------------

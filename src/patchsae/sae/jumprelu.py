@@ -30,7 +30,7 @@ class JumpReLUSAE(SAE):
         return mask_to_pairs(F.relu(pre_NS), pre_NS > self.log_threshold.exp())
 
     def loss(self, x_ND: torch.Tensor, dead_S: torch.Tensor | None = None,
-             stats: BatchStats = LOCAL) -> tuple[torch.Tensor, dict]:
+             stats: BatchStats = LOCAL, cls_N: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """MSE + l0_coeff * L0, the L0 through the step function's straight-through estimator."""
         xs_ND = x_ND * self.input_scale
         pre_NS = self.pre_acts(x_ND)

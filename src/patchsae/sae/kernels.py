@@ -58,13 +58,17 @@ class ReLUObjective(torch.autograd.Function):
     encoder is -(sum_n g_pre[n]) W_enc^T, a GEMV, where autograd forms the whole (tokens x d_model) product."""
 
     @staticmethod
-    def forward(ctx, xs_ND, W_enc, b_enc, W_dec, b_dec, l1_coeff, pre_NS, g_out, mask_out):
-        """pre_NS = (xs - b_dec) W_enc + b_enc, computed by the caller without a graph; it becomes f in place."""
+    def forward(ctx, xs_ND, W_enc, b_enc, W_dec, b_dec, l1_coeff, pre_NS, g_out, mask_out, w_N=None):
+        """pre_NS = (xs - b_dec) W_enc + b_enc, computed by the caller without a graph; it becomes f in place.
+        w_N (tokens,), optional: per-token weights of the squared error (the reference objective's
+        c_n / ||x_n||); mse = mean over (token, dim) of w_n * err^2."""
         xc_ND = xs_ND - b_dec
         f_NS = pre_NS.relu_()
         err_ND = torch.addmm(b_dec, f_NS, W_dec).sub_(xs_ND)
         n = len(xs_ND)
-        mse, l1 = err_ND.pow(2).mean(), f_NS.sum() / n  # f >= 0: the L1 norm is the sum
+        sq_ND = err_ND.pow(2) if w_N is None else err_ND.pow(2).mul_(w_N[:, None])
+        mse, l1 = sq_ND.mean(), f_NS.sum() / n  # f >= 0: the L1 norm is the sum
+        ctx.w_N = w_N
         ctx.save_for_backward(xc_ND, f_NS, err_ND, W_enc, W_dec)
         ctx.l1_coeff, ctx.g_out, ctx.mask_out = l1_coeff, g_out, mask_out
         ctx.mark_non_differentiable(f_NS, err_ND)
@@ -75,12 +79,14 @@ class ReLUObjective(torch.autograd.Function):
         xc_ND, f_NS, err_ND, W_enc, W_dec = ctx.saved_tensors
         n, d = err_ND.shape
         g_err_ND = err_ND * ((g_loss + g_mse) * (2.0 / (n * d)))
+        if ctx.w_N is not None:
+            g_err_ND.mul_(ctx.w_N[:, None])
         g_NS = torch.mm(g_err_ND, W_dec.t(), out=ctx.g_out).add_((g_loss * ctx.l1_coeff + g_l1) / n)
         g_NS.masked_fill_(torch.le(f_NS, 0, out=ctx.mask_out), 0.0)  # through the ReLU, in place
         gb_enc = g_NS.sum(0)
         gx = g_err_ND - g_NS @ W_enc.t() if ctx.needs_input_grad[0] else None
         return (gx, torch.mm(xc_ND.t(), g_NS), gb_enc, torch.mm(f_NS.t(), g_err_ND),
-                g_err_ND.sum(0) - W_enc @ gb_enc, None, None, None, None)
+                g_err_ND.sum(0) - W_enc @ gb_enc, None, None, None, None, None)
 
 
 def rectangle(u: torch.Tensor) -> torch.Tensor:

@@ -63,3 +63,28 @@ def aux_k_loss(sae: SAE, pre_NS: torch.Tensor, err_ND: torch.Tensor, dead_S: tor
     recon_ND = F.embedding_bag(idx_NK, sae.W_dec, per_sample_weights=F.relu(vals_NK), mode="sum")
     denom = stats.mean((resid_ND - stats.mean(resid_ND.mean(0))).pow(2).mean()).clamp_min(1e-12)
     return (recon_ND - resid_ND).pow(2).mean() / denom
+
+
+def token_norms(xs_ND: torch.Tensor) -> torch.Tensor:
+    """||x_n||_2 per token, the reference objective's normaliser; a zero token (never a real activation)
+    gets the smallest positive number instead of a division by zero."""
+    return xs_ND.norm(dim=-1).clamp_min(torch.finfo(xs_ND.dtype).tiny)
+
+
+def reference_ghost_loss(sae: SAE, x_ND: torch.Tensor, err_ND: torch.Tensor, dead_S: torch.Tensor) -> torch.Tensor:
+    """The reference code's ghost grads: the dead latents' exp() activations, decoded by their rows and scaled per
+    token to half the residual's norm, reconstruct the residual r = x - x_hat; the error is normalised like the
+    reference MSE, (ghost - r)^2 / ||r_n||, then each element is multiplied by the detached ratio of the main
+    per-element error (x_hat - x)^2 / ||x_n|| (not CLS-weighted) to it, and averaged over (token, dim). As in the
+    reference, the encoder input x - b_dec is not detached, so b_dec gets a gradient through the dead columns.
+    Every statistic is per element: nothing to reduce across ranks."""
+    xs_ND = x_ND * sae.input_scale
+    resid_ND = (-err_ND).detach()
+    resid_norm_N = token_norms(resid_ND)
+    pre_dead_ND = (xs_ND - sae.b_dec) @ sae.W_enc[:, dead_S] + sae.b_enc[dead_S]
+    ghost_out_ND = torch.exp(pre_dead_ND) @ sae.W_dec[dead_S]
+    scale_N = resid_norm_N / (1e-6 + 2 * ghost_out_ND.norm(dim=-1))
+    ghost_out_ND = ghost_out_ND * scale_N[:, None].detach()
+    ghost_ND = (ghost_out_ND - resid_ND).pow(2) / resid_norm_N[:, None]
+    main_ND = err_ND.detach().pow(2) / token_norms(xs_ND)[:, None]
+    return ((main_ND / (ghost_ND.detach() + 1e-6)) * ghost_ND).mean()

@@ -22,7 +22,7 @@ THRESHOLD_EMA = 0.01  # BatchTopK: weight of each batch's smallest kept activati
 
 class _TopKFamily(SAE):
     def loss(self, x_ND: torch.Tensor, dead_S: torch.Tensor | None = None,
-             stats: BatchStats = LOCAL) -> tuple[torch.Tensor, dict]:
+             stats: BatchStats = LOCAL, cls_N: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Sparse MSE (+ aux_coeff * AuxK when latents are dead); BatchTopK's selection stays within x_ND."""
         vals_NK, idx_NK, xc_ND, pre_NS = self._sparse_code(x_ND, inference=False)
         err_ND = self.decode_sparse_scaled(vals_NK, idx_NK) - x_ND * self.input_scale

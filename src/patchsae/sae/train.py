@@ -37,7 +37,9 @@ class TokenSource(Protocol):
     def sample(self, n: int) -> torch.Tensor: ...
 
     def batches(self, batch_size: int, start_step: int = 0, rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
-        """Rank's slice of each global batch of batch_size tokens."""
+        """Rank's slice of each global batch of batch_size tokens. A source that knows which rows are CLS
+        tokens also accepts `with_cls=True` and then yields (x_ND, cls_N) pairs, cls_N (tokens,) bool: the
+        trainer asks for them only when the objective weights CLS rows (SAEConfig.mse_cls_coefficient)."""
 
 
 @dataclass(frozen=True)
@@ -102,13 +104,14 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, source: TokenSource, out_dir
 
     bar = tqdm(total=cfg.total_steps, initial=step, desc="train SAE", unit="step",
                disable=not (progress and dist.is_main))
-    batches = source.batches(cfg.batch_tokens, start_step=step, rank=dist.rank, world=dist.world)
+    batches = _batches(source, sae_cfg, cfg.batch_tokens, step, dist)
     while step < cfg.total_steps:
-        x_ND = next(batches).to(device, torch.float32)
+        x_ND, cls_N = next(batches)
+        x_ND, cls_N = x_ND.to(device, torch.float32), None if cls_N is None else cls_N.to(device)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _lr_factor(step, cfg.warmup_steps)
         dead_S = since_fired_S >= sae_cfg.dead_steps
-        loss, parts, stats = train_step(sae, opt, x_ND, since_fired_S, dist)
+        loss, parts, stats = train_step(sae, opt, x_ND, since_fired_S, dist, cls_N)
         if loss is None:
             raise PatchSAEError(
                 f"SAE loss became non-finite at step {step}; the last checkpoint ({ckpt.name}) is kept. "
@@ -134,15 +137,29 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, source: TokenSource, out_dir
     return sae
 
 
+def _batches(source: TokenSource, sae_cfg: SAEConfig, batch_tokens: int, step: int,
+             dist: Dist) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(x_ND, cls_N) per step; cls_N None unless the objective weights CLS rows."""
+    where = dict(start_step=step, rank=dist.rank, world=dist.world)
+    if sae_cfg.mse_cls_coefficient == 1.0:
+        return ((x_ND, None) for x_ND in source.batches(batch_tokens, **where))
+    try:
+        return source.batches(batch_tokens, with_cls=True, **where)
+    except TypeError:
+        raise PatchSAEError(f"mse_cls_coefficient={sae_cfg.mse_cls_coefficient} needs to know which tokens are "
+                            f"CLS, and this token source ({type(source).__name__}) does not say") from None
+
+
 def train_step(sae: SAE, opt: torch.optim.Optimizer, x_ND: torch.Tensor, since_fired_S: torch.Tensor,
-               dist: Dist = Dist()):
-    """One optimisation step on this rank's tokens x_ND (what `benchmarks/` times): loss, gradients
+               dist: Dist = Dist(), cls_N: torch.Tensor | None = None):
+    """One optimisation step on this rank's tokens x_ND (cls_N: which are CLS tokens, if the objective weights
+    them) (what `benchmarks/` times): loss, gradients
     all-reduced across ranks, parallel decoder component removed, Adam, decoder rows renormalised, firing
     counters updated in place. Returns (loss, parts, stats), loss None (and nothing updated) if it is not
     finite on some rank."""
     dead_S = since_fired_S >= sae.cfg.dead_steps
     share, stats = _batch_share(dist, len(x_ND), x_ND.device)
-    loss, parts = sae.loss(x_ND, dead_S, stats)
+    loss, parts = sae.loss(x_ND, dead_S, stats, cls_N)
     if not dist.all_reduce(torch.isfinite(loss.detach()).float().reshape(1), "min").item():
         return None, parts, stats
     opt.zero_grad(set_to_none=True)

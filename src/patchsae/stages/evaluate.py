@@ -6,14 +6,24 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from patchsae.options import opt
 from patchsae.runs import Run
 from patchsae.stages.setup import model_for
 
 NAME = "evaluate"
 HELP = ("held-out MSE, explained variance, L0, dead latents, zero-shot accuracy original / SAE-spliced / "
-        "zero-ablated")
+        "zero-ablated, and Table 2's metrics: normalised MSE, L1, CLIP's contrastive loss with the CLS token "
+        "(or every token) spliced or zeroed")
 RUN_HELP = "run directory with a trained SAE"
-OPTIONS = ()
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    cl_batch_size: int = opt(128, "images per batch of CLIP's contrastive loss, captioned 'A photo of a {class}' "
+                             "(the reference's 128; 0 skips the contrastive losses)")
+
+
+OPTIONS = (EvaluateOptions,)
 
 
 @dataclass(frozen=True)
@@ -34,13 +44,34 @@ class EvalMetrics:
     zero_ablated_accuracy: float
     eval_images: int
     eval_skipped: int
+    # Table 2 (sae/metrics.py): the reference's normalised MSE, L1, L0 and uncentred explained variance
+    normalized_mse: float
+    l1: float
+    l0: float
+    explained_variance_uncentred: float
+    # CLIP's contrastive loss (analysis/contrastive.py), mean over cl_batches batches of cl_batch_size images;
+    # None with --cl-batch-size 0
+    contrastive_loss_original: float | None
+    contrastive_loss_sae_cls: float | None
+    contrastive_loss_zero_cls: float | None
+    contrastive_loss_score: float | None
+    contrastive_loss_sae_all: float | None
+    contrastive_loss_zero_all: float | None
+    contrastive_loss_score_all: float | None
+    cl_batch_size: int
+    cl_batches: int
     tokens_trained: int | None
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def run(run: Run, model=None, progress: bool = True) -> EvalMetrics:
+_FIELDS = tuple(EvalMetrics.__dataclass_fields__)
+# the metrics of the paper's Table 2 (and the reference's logs), also copied into summary.json
+TABLE2_KEYS = _FIELDS[_FIELDS.index("normalized_mse"): _FIELDS.index("contrastive_loss_score_all") + 1]
+
+
+def run(run: Run, model=None, progress: bool = True, cl_batch_size: int = 128) -> EvalMetrics:
     from patchsae.analysis.evaluate import evaluate, log_density_figure
     from patchsae.data import open_dataset
     from patchsae.sae.checkpoint import load_sae
@@ -50,7 +81,11 @@ def run(run: Run, model=None, progress: bool = True) -> EvalMetrics:
     model = model or model_for(cfg)
     sae, meta = load_sae(run.sae_dir, d_model=model.d_model)
     ds = open_dataset(cfg.dataset, cfg.eval_split, path=cfg.dataset_path)
-    metrics, freq_S = evaluate(model, sae, ds, cfg.layer, cfg.batch_images, cfg.max_eval_images, progress)
+    metrics, freq_S = evaluate(model, sae, ds, cfg.layer, cfg.batch_images, cfg.max_eval_images, progress,
+                               cl_batch_size)
+    if not cl_batch_size:
+        metrics.update({k: None for k in EvalMetrics.__dataclass_fields__ if k.startswith("contrastive_loss")},
+                       cl_batch_size=0, cl_batches=0)
     report = EvalMetrics(**metrics, tokens_trained=meta.get("tokens_trained"))
     write_json(run.eval_metrics_file, report.to_json())
     log_density_figure(freq_S, run.figures_dir / "log_density.png",
@@ -59,4 +94,7 @@ def run(run: Run, model=None, progress: bool = True) -> EvalMetrics:
 
 
 def cli(args) -> None:
-    print(json.dumps(run(Run(args.run)).to_json(), indent=2))
+    from patchsae.cli import given
+
+    opts = EvaluateOptions(**given(args, EvaluateOptions))
+    print(json.dumps(run(Run(args.run), cl_batch_size=opts.cl_batch_size).to_json(), indent=2))

@@ -15,7 +15,7 @@ from patchsae.stages.setup import ConfigOptions, dry_run, model_for
 NAME = "quickstart"
 HELP = "cache, train and evaluate in one go (defaults: embedded model on Fashion-MNIST); writes summary.json"
 RUN_HELP = "run directory (created if missing)"
-OPTIONS = (RunConfig, ConfigOptions)
+OPTIONS = (RunConfig, evaluate.EvaluateOptions, ConfigOptions)
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,11 @@ class Summary:
     l0_per_image: float
     dense_fraction: float
     eval_images: int
+    table2: dict  # Table 2's metrics (evaluate.TABLE2_KEYS), written as top-level keys after the others
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        return {**out, **out.pop("table2")}
 
 
 SUMMARY_KEYS = tuple(Summary.__dataclass_fields__)[:15]
@@ -57,6 +59,7 @@ def write_summary(run: Run, metrics: evaluate.EvalMetrics, seconds: float, model
     summary = Summary(model=cfg.model, dataset=cfg.dataset, layer=model.resolve_layer(cfg.layer),
                       d_model=sae_meta["sae"]["d_model"], d_sae=sae_meta["sae"]["d_sae"], arch=sae_meta["sae"]["arch"],
                       tokens_trained=sae_meta["tokens_trained"], seconds=round(seconds, 1),
+                      table2={k: m[k] for k in evaluate.TABLE2_KEYS},
                       **{k: m[k] for k in Summary.__dataclass_fields__ if k in m and k != "tokens_trained"})
     write_json(run.summary_file, summary.to_json())
     return summary
@@ -69,7 +72,7 @@ def format_summary(summary: Summary) -> str:
     return "\n".join(["PatchSAE summary", *rows])
 
 
-def run(run_: Run, cfg: RunConfig, overrides: dict, progress: bool = True) -> Summary:
+def run(run_: Run, cfg: RunConfig, overrides: dict, progress: bool = True, cl_batch_size: int = 128) -> Summary:
     t0 = time.time()
     run_.init(cfg, overrides)
     cfg = run_.load_config()
@@ -80,7 +83,7 @@ def run(run_: Run, cfg: RunConfig, overrides: dict, progress: bool = True) -> Su
     print("[2/3] training the SAE", file=sys.stderr)
     train.run(run_, progress)
     print(f"[3/3] evaluating on {cfg.dataset}/{cfg.eval_split}", file=sys.stderr)
-    metrics = evaluate.run(run_, model, progress)
+    metrics = evaluate.run(run_, model, progress, cl_batch_size)
     summary = write_summary(run_, metrics, time.time() - t0, model)
     if summary.explained_variance is None:
         raise PatchSAEError("evaluation produced no explained variance")
@@ -88,6 +91,7 @@ def run(run_: Run, cfg: RunConfig, overrides: dict, progress: bool = True) -> Su
 
 
 def cli(args) -> None:
+    from patchsae.cli import given
     from patchsae.runs import start_config
     from patchsae.stages.setup import args_preset, overrides
 
@@ -95,6 +99,8 @@ def cli(args) -> None:
         print(dry_run(args))
         return
     ov = overrides(args)
-    summary = run(Run(args.run), start_config(ov.get("model"), args_preset(args)), ov)
+    opts = evaluate.EvaluateOptions(**given(args, evaluate.EvaluateOptions))
+    summary = run(Run(args.run), start_config(ov.get("model"), args_preset(args)), ov,
+                  cl_batch_size=opts.cl_batch_size)
     print(format_summary(summary))
     print(f"wrote {args.run}/summary.json")

@@ -14,7 +14,7 @@ class ConfigOptions:
     """How a new run's config is started (its fields come from RunConfig, given as --model, --layer, ...)."""
 
     preset: str | None = opt(None, "start a new run from a named configuration (paper: ViT-B/16, block -2, all "
-                             "tokens, ReLU x64, lambda 8e-5, ImageNet-1k)", choices=("paper",))
+                             "tokens, ReLU x64 with the reference objective, lambda 8e-5, ImageNet-1k)", choices=("paper",))
     dry_run: bool = opt(False, "print the resolved configuration and its token, memory and step budget; writes "
                         "nothing and loads no model")
 

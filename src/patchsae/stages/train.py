@@ -56,7 +56,8 @@ def run(run: Run, progress: bool = True, on_the_fly: bool = False, dist: Dist = 
         source = CachedTokens(cache, cfg.tokens, seed=cfg.seed)
         d_model, layer = cache.d_model, cache.manifest["layer"]
     sae_cfg = SAEConfig(d_model=d_model, d_sae=cfg.expansion * d_model, arch=cfg.arch, k=cfg.k,
-                        l1_coeff=cfg.l1_coeff, l0_coeff=cfg.l0_coeff)
+                        l1_coeff=cfg.l1_coeff, l0_coeff=cfg.l0_coeff, objective=cfg.objective,
+                        mse_cls_coefficient=cfg.mse_cls_coefficient)
     train_cfg = TrainConfig(total_tokens=int(cfg.epochs * source.n_tokens), batch_tokens=cfg.batch_tokens,
                             lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed, device=cfg.device)
     sae = train_sae(sae_cfg, train_cfg, source, run.sae_dir, progress=progress,
@@ -72,4 +73,4 @@ def cli(args) -> None:
     r = run(run_, on_the_fly=getattr(args, "on_the_fly", False), dist=dist)
     if dist.is_main:
         c = r.sae.cfg
-        print(f"trained SAE {c.d_model} -> {c.d_sae} ({c.arch}) in {r.folder}")
+        print(f"trained SAE {c.d_model} -> {c.d_sae} ({c.arch}, {c.objective} objective) in {r.folder}")
