@@ -82,6 +82,11 @@ def test_streaming_stats_match_brute_force(tiny, monkeypatch):
     assert counts_CS.sum() > 0
     torch.testing.assert_close(stats.class_counts_CS, counts_CS)
     torch.testing.assert_close(latents.dataset_counts(stats.class_counts_CS), counts_CS.sum(0))
+    torch.testing.assert_close(stats.class_images_C, torch.bincount(labels, minlength=10))
+    torch.testing.assert_close(stats.position_mass_ST, f_NTS.double().sum(0).T.float(), rtol=1e-5, atol=1e-5)
+    assert stats.position_mass_ST.shape == (64, int(rows_T.sum()))
+    torch.testing.assert_close(stats.token_fired_S, (f_NTS > 0).sum((0, 1)))
+    torch.testing.assert_close(stats.token_frequency_S, ((f_NTS > 0).float().mean((0, 1))))
 
 
 def test_entropy_hand_example():
@@ -96,7 +101,7 @@ def test_entropy_hand_example():
 
 def test_accumulator_memory_does_not_grow_with_images():
     torch.manual_seed(0)
-    acc = latents.LatentAccumulator(d_sae=256, n_classes=10, k=10)
+    acc = latents.LatentAccumulator(d_sae=256, n_classes=10, n_tokens=17, k=10)
     patch_rows_T = torch.tensor([False] + [True] * 16)
 
     def batch(start):
@@ -110,8 +115,9 @@ def test_accumulator_memory_does_not_grow_with_images():
         acc.update(*batch(32 * b), patch_rows_T)
     assert acc.nbytes() == size and [tuple(t.shape) for t in acc.tensors()] == shapes
     assert acc.n_images == 60 * 32
-    # O(d_sae x (k + classes)): two top-k tables (float32 value, int64 index and label), counts, sums
-    assert size == 256 * (2 * 10 * (4 + 8 + 8) + 10 * 8 + 8 + 8)
+    # O(d_sae x (k + classes + positions)): two top-k tables (float32 value, int64 index and label), class
+    # counts, position mass (float64), fired images, activation sums and fired tokens; images per class
+    assert size == 256 * (2 * 10 * (4 + 8 + 8) + 10 * 8 + 17 * 8 + 8 + 8 + 8) + 10 * 8
 
 
 def test_group_counts_sum_chosen_rows():

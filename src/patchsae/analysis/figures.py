@@ -154,3 +154,27 @@ def pairs_masking_figure(path: Path, rows: list[dict], title: str) -> None:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, color=colour, ms=3,
                         label=f"ranking {ranking}, classifier {clf}, {mode}")
     finish_k_axes(fig, ax, path, title, "k (class-level top-k latents kept for 'on', removed for 'off')", 6)
+
+
+def kinds_figure(path: str | Path, counts: dict[str, int], top_position_S: torch.Tensor, positional_S: torch.Tensor,
+                 grid: Sequence[int], title: str, n_cls: int = 1) -> None:
+    """Left: latents per kind. Right: where the positional latents sit, as the number of positional latents
+    whose strongest token is each patch of the grid (those at CLS are counted in the panel's title)."""
+    plt = _plt()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.8), gridspec_kw={"width_ratios": [1.3, 1]})
+    ax.barh(np.arange(len(counts))[::-1], list(counts.values()), color="#3b6ea5")
+    ax.set_yticks(np.arange(len(counts))[::-1], list(counts))
+    for y, v in zip(np.arange(len(counts))[::-1], counts.values()):
+        ax.text(v, y, f" {v}", va="center", fontsize=8)
+    ax.set_xlabel("latents")
+    ax.set_title(title, fontsize=9)
+    pos_P = top_position_S[positional_S].long()
+    hist = torch.bincount(pos_P[pos_P >= n_cls] - n_cls, minlength=grid[0] * grid[1]).reshape(*grid)
+    im = ax2.imshow(hist.numpy(), cmap="magma")
+    fig.colorbar(im, ax=ax2, label="positional latents")
+    ax2.set_title(f"strongest token of positional latents\n({int((pos_P < n_cls).sum())} at CLS, "
+                  f"{int((pos_P >= n_cls).sum())} on the {grid[0]}x{grid[1]} patches)", fontsize=9)
+    ax2.set_xlabel("patch column")
+    ax2.set_ylabel("patch row")
+    fig.tight_layout()
+    _save(fig, path)
