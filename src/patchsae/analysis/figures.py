@@ -77,8 +77,10 @@ def reference_grid_figure(path: str | Path, rows: Sequence[dict]) -> None:
 
 
 def class_bars_figure(path: str | Path, class_counts_CS: torch.Tensor, class_names: Sequence[str],
-                      names: Sequence[str] | None = None, top: int = 5, max_classes: int = 30) -> None:
-    """A small panel per class: its `top` latents by class-level count (first `max_classes` classes)."""
+                      names: Sequence[str] | None = None, top: int = 5, max_classes: int = 30,
+                      picks: Sequence[Sequence[int]] | None = None) -> None:
+    """A small panel per class: its `top` latents by class-level count, or the latents `picks[c]` (e.g. by
+    specificity), each with its class-level count (first `max_classes` classes)."""
     plt = _plt()
     C = min(len(class_names), max_classes)
     cols = min(5, C)
@@ -89,13 +91,19 @@ def class_bars_figure(path: str | Path, class_counts_CS: torch.Tensor, class_nam
     for c in range(C):
         ax = axes[c // cols, c % cols]
         ax.axis("on")
-        vals, ids = class_counts_CS[c].float().topk(min(top, class_counts_CS.shape[1]))
+        if picks is None:
+            vals, ids = class_counts_CS[c].float().topk(min(top, class_counts_CS.shape[1]))
+        else:
+            ids = torch.as_tensor(list(picks[c][:top]), dtype=torch.long)
+            vals = class_counts_CS[c, ids].float()
         labels = [f"{i}" + (f" {names[i][:12]}" if names and names[i] else "") for i in ids.tolist()]
         ax.barh(np.arange(len(ids))[::-1], vals.numpy(), color="#3b6ea5")
         ax.set_yticks(np.arange(len(ids))[::-1], labels, fontsize=6)
         ax.tick_params(axis="x", labelsize=6)
         ax.set_title(class_names[c], fontsize=8)
-    fig.suptitle("top latents per class (tokens above tau, summed over the class's images)", fontsize=9)
+    how = "by class-level count" if picks is None else "most specific first"
+    fig.suptitle(f"top latents per class, {how} (bars: tokens above tau, summed over the class's images)",
+                 fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 
