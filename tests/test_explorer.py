@@ -602,6 +602,14 @@ def test_browser_upload_click_patch_select_latent_steer(browser, server, ex, tmp
     page.set_input_files("#file", str(tmp_path / "notes.txt"))
     page.wait_for_selector("#error:not([hidden])")
     assert "not an image" in page.inner_text("#error")
+    # the kind filter: dense latents are listed only when asked for; relative activations on request
+    assert page.locator("#latent-list .badge.kind-dense").count() == 0
+    page.check("input[name=show-kind][value=dense]")
+    page.wait_for_selector("#latent-list .badge.kind-dense")
+    page.check("input[name=image-order][value=relative]")
+    page.wait_for_selector("#image-latents .bar .rel")
+    page.select_option("#class-order", "count")
+    page.wait_for_selector("#class-latents .item")
     page.fill("#search", str(first))
     page.wait_for_function(f"document.querySelector('#latent-list .item')?.dataset.latent === '{first}'")
     page.fill("#ds-index", "3")

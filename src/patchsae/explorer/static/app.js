@@ -228,8 +228,9 @@ async function search(q) {
   const show = shownKinds().join(",");
   try { res = await api(`/api/latents?q=${encodeURIComponent(q)}&limit=100&show=${encodeURIComponent(show)}`); } catch (e) { return; }
   const hidden = Object.entries(res.hidden).filter(([, n]) => n > 0).map(([k, n]) => `${n} ${k}`).join(", ");
-  $("#latent-list").innerHTML = `<p class="muted">${res.total} latents${q ? "" : ", most interpretable first ` +
-    `(class-selective by selectivity)"}${hidden ? `; hidden: ${esc(hidden)}` : ""}</p>` + listItems(res.latents);
+  const what = q ? "" : ", most interpretable first (class-selective by selectivity)";
+  $("#latent-list").innerHTML = `<p class="muted">${res.total} latents${what}${hidden ? `; hidden: ${esc(hidden)}` : ""}</p>` +
+    listItems(res.latents);
   bindLatentClicks($("#latent-list"));
 }
 
