@@ -260,9 +260,19 @@ def test_cli_analyze_end_to_end(quick_run, tmp_path, capsys):
         assert torch.isfinite(t.float()).all()
     rows = list(csv.DictReader((a / "latents.csv").open()))
     assert len(rows) == d_sae and rows[0]["latent"] == "0" and "name1" in rows[0]
-    for png in ("latent_scatter.png", "reference_images.png", "class_top_latents.png"):
+    for png in ("latent_scatter.png", "reference_images.png", "class_top_latents.png", "latent_kinds.png"):
         assert (quick_run / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert not [p for p in quick_run.rglob("*.tmp")]
+    # kinds: one per latent in the CSV, the stats file and the manifest's counts, printed by kind
+    kind_names = manifest["kinds"]["names"]
+    assert [r["kind"] for r in rows] == [kind_names[int(k)] for k in stats["kind_S"]]
+    assert manifest["kinds"]["counts"] == {k: sum(r["kind"] == k for r in rows) for k in kind_names}
+    assert all(r["kind"] != "dead" or int(r["fired_images"]) == 0 for r in rows)
+    assert "latents per kind: class-selective" in out and manifest["kinds"]["thresholds"]["dense_frequency"] == 0.5
+    before = (a / "manifest.json").read_bytes()
+    assert cli.main(["analyze", "--run", str(quick_run), "--dense-frequency", "0"]) == 2
+    assert "dense-frequency must be in (0, 1]" in capsys.readouterr().err
+    assert (a / "manifest.json").read_bytes() == before  # a bad threshold loses nothing already written
 
     # patch-map mode, by dataset index and by image file
     assert cli.main(["analyze", "--run", str(quick_run), "--image", "3", "--patch", "2", "4"]) == 0
