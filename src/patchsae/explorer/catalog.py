@@ -11,7 +11,7 @@ import torch
 from patchsae import PatchSAEError
 from patchsae.analysis import kinds
 from patchsae.analysis.latents import LOW_ENTROPY
-from patchsae.models.clip import TokenLayout
+from patchsae.models.backbone import TokenLayout
 
 
 def saved_kinds(tensors: dict[str, torch.Tensor]) -> kinds.LatentKinds:

@@ -181,7 +181,8 @@ def run(run: Run, opts: AnalyzeOptions = AnalyzeOptions(), progress: bool = True
     figures.class_bars_figure(fig_dir / "class_top_latents.png", stats.class_counts_CS, ds.class_names, names_S,
                               picks=picks)
     figures.kinds_figure(fig_dir / "latent_kinds.png", lk.counts(), lk.top_position_S,
-                         lk.kind_S == kinds.KINDS.index("positional"), model.layout().grid, title)
+                         lk.kind_S == kinds.KINDS.index("positional"), model.layout().grid, title,
+                         model.layout().n_cls)
 
     groups = None
     if group_ids:
