@@ -82,6 +82,11 @@ def test_streaming_stats_match_brute_force(tiny, monkeypatch):
     assert counts_CS.sum() > 0
     torch.testing.assert_close(stats.class_counts_CS, counts_CS)
     torch.testing.assert_close(latents.dataset_counts(stats.class_counts_CS), counts_CS.sum(0))
+    torch.testing.assert_close(stats.class_images_C, torch.bincount(labels, minlength=10))
+    torch.testing.assert_close(stats.position_mass_ST, f_NTS.double().sum(0).T.float(), rtol=1e-5, atol=1e-5)
+    assert stats.position_mass_ST.shape == (64, int(rows_T.sum()))
+    torch.testing.assert_close(stats.token_fired_S, (f_NTS > 0).sum((0, 1)))
+    torch.testing.assert_close(stats.token_frequency_S, ((f_NTS > 0).float().mean((0, 1))))
 
 
 def test_entropy_hand_example():
@@ -96,7 +101,7 @@ def test_entropy_hand_example():
 
 def test_accumulator_memory_does_not_grow_with_images():
     torch.manual_seed(0)
-    acc = latents.LatentAccumulator(d_sae=256, n_classes=10, k=10)
+    acc = latents.LatentAccumulator(d_sae=256, n_classes=10, n_tokens=17, k=10)
     patch_rows_T = torch.tensor([False] + [True] * 16)
 
     def batch(start):
@@ -110,8 +115,9 @@ def test_accumulator_memory_does_not_grow_with_images():
         acc.update(*batch(32 * b), patch_rows_T)
     assert acc.nbytes() == size and [tuple(t.shape) for t in acc.tensors()] == shapes
     assert acc.n_images == 60 * 32
-    # O(d_sae x (k + classes)): two top-k tables (float32 value, int64 index and label), counts, sums
-    assert size == 256 * (2 * 10 * (4 + 8 + 8) + 10 * 8 + 8 + 8)
+    # O(d_sae x (k + classes + positions)): two top-k tables (float32 value, int64 index and label), class
+    # counts, position mass (float64), fired images, activation sums and fired tokens; images per class
+    assert size == 256 * (2 * 10 * (4 + 8 + 8) + 10 * 8 + 17 * 8 + 8 + 8 + 8) + 10 * 8
 
 
 def test_group_counts_sum_chosen_rows():
@@ -254,9 +260,19 @@ def test_cli_analyze_end_to_end(quick_run, tmp_path, capsys):
         assert torch.isfinite(t.float()).all()
     rows = list(csv.DictReader((a / "latents.csv").open()))
     assert len(rows) == d_sae and rows[0]["latent"] == "0" and "name1" in rows[0]
-    for png in ("latent_scatter.png", "reference_images.png", "class_top_latents.png"):
+    for png in ("latent_scatter.png", "reference_images.png", "class_top_latents.png", "latent_kinds.png"):
         assert (quick_run / "figures" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     assert not [p for p in quick_run.rglob("*.tmp")]
+    # kinds: one per latent in the CSV, the stats file and the manifest's counts, printed by kind
+    kind_names = manifest["kinds"]["names"]
+    assert [r["kind"] for r in rows] == [kind_names[int(k)] for k in stats["kind_S"]]
+    assert manifest["kinds"]["counts"] == {k: sum(r["kind"] == k for r in rows) for k in kind_names}
+    assert all(r["kind"] != "dead" or int(r["fired_images"]) == 0 for r in rows)
+    assert "latents per kind: class-selective" in out and manifest["kinds"]["thresholds"]["dense_frequency"] == 0.5
+    before = (a / "manifest.json").read_bytes()
+    assert cli.main(["analyze", "--run", str(quick_run), "--dense-frequency", "0"]) == 2
+    assert "dense-frequency must be in (0, 1]" in capsys.readouterr().err
+    assert (a / "manifest.json").read_bytes() == before  # a bad threshold loses nothing already written
 
     # patch-map mode, by dataset index and by image file
     assert cli.main(["analyze", "--run", str(quick_run), "--image", "3", "--patch", "2", "4"]) == 0

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from patchsae import PatchSAEError, cli
-from patchsae.analysis.latents import LOW_ENTROPY
 from patchsae.data.fashion_mnist import FashionMNIST
+from patchsae.analysis.kinds import KINDS
 from patchsae.explorer.report import write_report
 from patchsae.explorer.server import create_app
 from patchsae.explorer.session import Explorer, split_common
@@ -49,10 +49,11 @@ def run_dir(tiny_clip_dir, tmp_path_factory) -> Path:
     sae = SAE(SAEConfig(d_model=32, d_sae=64))
     with torch.no_grad():
         sae.b_enc[:4] = -1e4
+        sae.b_enc[4:] = -torch.arange(60) / 60  # graded sparsity: some latents rare enough not to be dense
     run = Run(tmp_path_factory.mktemp("explorer") / "run")
     run.init(RunConfig(model=str(tiny_clip_dir)), {})
     save_sae(run.sae_dir, sae)
-    stage_analyze(run, AnalyzeOptions(max_images=40, batch_size=40, k=5, n_grid=2), progress=False)
+    stage_analyze(run, AnalyzeOptions(max_images=40, batch_size=40, k=5, n_grid=2, min_count=5), progress=False)
     return run.path
 
 
@@ -128,6 +129,14 @@ def test_upload_top_latents_patches_and_predictions_match_direct_computation(cli
     assert [g["latent"] for g in got] == [int(i) for i, v in zip(ids, vals) if v > 0]
     np.testing.assert_allclose([g["activation"] for g in got], vals[: len(got)].numpy(), atol=1e-4)
     assert got[0]["name"] == ex.name(got[0]["latent"]) != ""
+    mean_act_S = ex.stats["mean_act_S"]
+    for g in got:  # beside the raw value: the value relative to the latent's typical image-level activation
+        assert g["relative"] == pytest.approx(g["activation"] / float(mean_act_S[g["latent"]]), rel=1e-3, abs=1e-3)
+        assert g["kind"] == ex.kind_names[g["latent"]] and g["label"] == ex.label(g["latent"])
+    img_S = f_TS.mean(0)
+    rel_S = torch.where(mean_act_S > 0, img_S / mean_act_S.clamp_min(1e-30), 0.0)
+    by_rel = a["models"]["base"]["top_relative"]
+    assert [g["latent"] for g in by_rel] == [int(i) for i, v in zip(*reversed(rel_S.topk(10))) if v > 0]
     assert a["grid"] == [7, 7] and len(a["models"]["base"]["patches"]) == 49
     p_vals, p_ids = f_TS[1 + 3 * 7 + 5].topk(3)  # patch (3, 5)
     assert [p["latent"] for p in a["models"]["base"]["patches"][3 * 7 + 5]] == [int(i) for i, v in
@@ -191,14 +200,26 @@ def test_images_heatmaps_and_segmentations(client, ex):
 
 
 def test_search_and_browse(client, ex):
-    browse = client.get("/api/latents", params={"limit": 1000}).json()["latents"]
+    res = client.get("/api/latents", params={"limit": 1000}).json()
+    browse = res["latents"]
     ids = [r["latent"] for r in browse]
-    assert 0 not in ids  # dead latents (0..3) are not browsed
-    low = [r["entropy"] < LOW_ENTROPY for r in browse]
-    assert low == sorted(low, reverse=True)  # low-entropy latents first
-    for part in (True, False):
-        freqs = [r["frequency"] for r in browse if (r["entropy"] < LOW_ENTROPY) == part]
-        assert freqs == sorted(freqs, reverse=True)
+    kinds_S = ex.stats["kind_S"].tolist()
+    # by default: class-selective latents first, by their largest class share, then the other live ones; no
+    # dense, positional or dead latent (0..3 are dead)
+    assert {r["kind"] for r in browse} <= {"class-selective", "other"}
+    assert sorted(ids) == [l for l, k in enumerate(kinds_S) if KINDS[k] in ("class-selective", "other")]
+    rank = [("class-selective", "other").index(r["kind"]) for r in browse]
+    assert rank == sorted(rank)
+    for kind in ("class-selective", "other"):
+        part = [(-r["class_share"], r["entropy"], -r["frequency"]) for r in browse if r["kind"] == kind]
+        assert part == sorted(part)
+    hidden = {k: sum(KINDS[x] == k for x in kinds_S) for k in ("positional", "dense")}
+    assert res["hidden"] == hidden and res["shown"] == ["class-selective", "other"]
+    every = client.get("/api/latents", params={"limit": 1000, "show": "all"}).json()
+    assert every["total"] == int((ex.stats["fired_S"] > 0).sum()) and every["hidden"] == {}
+    assert [r["latent"] for r in every["latents"][: len(ids)]] == ids
+    bad = client.get("/api/latents", params={"show": "dead"})
+    assert bad.status_code == 400 and "kinds to show" in bad.json()["error"]
     assert client.get("/api/latents", params={"q": "17"}).json()["latents"][0]["latent"] == 17
     name = ex.name(ids[0])
     hits = client.get("/api/latents", params={"q": name.upper(), "limit": 1000}).json()
@@ -207,12 +228,23 @@ def test_search_and_browse(client, ex):
     assert client.get("/api/latents", params={"q": "no such concept"}).json()["total"] == 0
 
 
-def test_class_latents_follow_class_counts(client, ex):
-    r = client.get("/api/classes/4", params={"n": 5}).json()
-    counts = ex.stats["class_counts_CS"][4]
-    assert [x["count"] for x in r["latents"]] == counts.topk(5).values[: len(r["latents"])].tolist()
+def test_class_latents_by_specificity_and_by_count(client, ex):
+    counts_CS = ex.stats["class_counts_CS"]
+    r = client.get("/api/classes/4", params={"n": 5, "order": "count"}).json()
+    assert [x["count"] for x in r["latents"]] == counts_CS[4].topk(5).values[: len(r["latents"])].tolist()
     assert r["class"] == ex.class_names[4]
+    spec = client.get("/api/classes/4", params={"n": 100}).json()  # the default: the class's share first
+    assert spec["order"] == "specificity" and spec["latents"]
+    rate_CS = counts_CS.double() / ex.stats["class_images_C"].double().clamp_min(1)[:, None]
+    share_S = rate_CS[4] / rate_CS.sum(0).clamp_min(1e-30)
+    for x in spec["latents"]:
+        assert x["share"] == pytest.approx(float(share_S[x["latent"]]), abs=1e-4) and x["count"] > 0
+        assert int(counts_CS[:, x["latent"]].sum()) >= ex.manifest["kinds"]["thresholds"]["min_count"]
+    shares = [(float(share_S[x["latent"]]), x["count"]) for x in spec["latents"]]
+    for (s1, c1), (s2, c2) in zip(shares, shares[1:]):  # share first, then count among equal shares
+        assert s1 >= s2 - 1e-6 and (abs(s1 - s2) > 1e-6 or c1 >= c2)
     assert client.get("/api/classes/10").status_code == 400
+    assert client.get("/api/classes/1", params={"order": "size"}).status_code == 400
 
 
 def test_steering_matches_splicing_by_hand(client, ex):
@@ -290,7 +322,11 @@ def test_image_memory_is_bounded(run_dir):
 def test_info_describes_the_run(client, ex):
     i = client.get("/api/info").json()
     assert i["d_sae"] == 64 and i["grid"] == [7, 7] and i["class_names"][0] == "t-shirt"
-    assert i["alive_latents"] == 60 and not i["adapted"] and "latent_scatter.png" in i["figures"]
+    alive = int((ex.stats["fired_S"] > 0).sum())
+    assert 50 <= alive <= 60 and i["alive_latents"] == alive  # 4 latents dead by construction, a few by bias
+    assert not i["adapted"] and {"latent_scatter.png", "latent_kinds.png"} <= set(i["figures"])
+    assert sum(i["kinds"].values()) == 64 and i["kinds"]["dead"] == 64 - alive
+    assert i["kind_thresholds"]["min_count"] == 5 and i["shown_by_default"] == ["class-selective", "other"]
 
 
 # ---- two models --------------------------------------------------------------------------------------------
@@ -566,6 +602,14 @@ def test_browser_upload_click_patch_select_latent_steer(browser, server, ex, tmp
     page.set_input_files("#file", str(tmp_path / "notes.txt"))
     page.wait_for_selector("#error:not([hidden])")
     assert "not an image" in page.inner_text("#error")
+    # the kind filter: dense latents are listed only when asked for; relative activations on request
+    assert page.locator("#latent-list .badge.kind-dense").count() == 0
+    page.check("input[name=show-kind][value=dense]")
+    page.wait_for_selector("#latent-list .badge.kind-dense")
+    page.check("input[name=image-order][value=relative]")
+    page.wait_for_selector("#image-latents .bar .rel")
+    page.select_option("#class-order", "count")
+    page.wait_for_selector("#class-latents .item")
     page.fill("#search", str(first))
     page.wait_for_function(f"document.querySelector('#latent-list .item')?.dataset.latent === '{first}'")
     page.fill("#ds-index", "3")

@@ -95,8 +95,10 @@ def reference_grid_figure(path: str | Path, rows: Sequence[dict]) -> None:
 
 
 def class_bars_figure(path: str | Path, class_counts_CS: torch.Tensor, class_names: Sequence[str],
-                      names: Sequence[str] | None = None, top: int = 5, max_classes: int = 30) -> None:
-    """A small panel per class: its `top` latents by class-level count (first `max_classes` classes)."""
+                      names: Sequence[str] | None = None, top: int = 5, max_classes: int = 30,
+                      picks: Sequence[Sequence[int]] | None = None) -> None:
+    """A small panel per class: its `top` latents by class-level count, or the latents `picks[c]` (e.g. by
+    specificity), each with its class-level count (first `max_classes` classes)."""
     plt = _plt()
     C = min(len(class_names), max_classes)
     cols = min(5, C)
@@ -107,13 +109,19 @@ def class_bars_figure(path: str | Path, class_counts_CS: torch.Tensor, class_nam
     for c in range(C):
         ax = axes[c // cols, c % cols]
         ax.axis("on")
-        vals, ids = class_counts_CS[c].float().topk(min(top, class_counts_CS.shape[1]))
+        if picks is None:
+            vals, ids = class_counts_CS[c].float().topk(min(top, class_counts_CS.shape[1]))
+        else:
+            ids = torch.as_tensor(list(picks[c][:top]), dtype=torch.long)
+            vals = class_counts_CS[c, ids].float()
         labels = [f"{i}" + (f" {names[i][:12]}" if names and names[i] else "") for i in ids.tolist()]
         ax.barh(np.arange(len(ids))[::-1], vals.numpy(), color="#3b6ea5")
         ax.set_yticks(np.arange(len(ids))[::-1], labels, fontsize=6)
         ax.tick_params(axis="x", labelsize=6)
         ax.set_title(class_names[c], fontsize=8)
-    fig.suptitle("top latents per class (tokens above tau, summed over the class's images)", fontsize=9)
+    how = "by class-level count" if picks is None else "most specific first"
+    fig.suptitle(f"top latents per class, {how} (bars: tokens above tau, summed over the class's images)",
+                 fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 
@@ -172,3 +180,27 @@ def pairs_masking_figure(path: Path, rows: list[dict], title: str) -> None:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, color=colour, ms=3,
                         label=f"ranking {ranking}, classifier {clf}, {mode}")
     finish_k_axes(fig, ax, path, title, "k (class-level top-k latents kept for 'on', removed for 'off')", 6)
+
+
+def kinds_figure(path: str | Path, counts: dict[str, int], top_position_S: torch.Tensor, positional_S: torch.Tensor,
+                 grid: Sequence[int], title: str, n_cls: int = 1) -> None:
+    """Left: latents per kind. Right: where the positional latents sit, as the number of positional latents
+    whose strongest token is each patch of the grid (those at CLS are counted in the panel's title)."""
+    plt = _plt()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.8), gridspec_kw={"width_ratios": [1.3, 1]})
+    ax.barh(np.arange(len(counts))[::-1], list(counts.values()), color="#3b6ea5")
+    ax.set_yticks(np.arange(len(counts))[::-1], list(counts))
+    for y, v in zip(np.arange(len(counts))[::-1], counts.values()):
+        ax.text(v, y, f" {v}", va="center", fontsize=8)
+    ax.set_xlabel("latents")
+    ax.set_title(title, fontsize=9)
+    pos_P = top_position_S[positional_S].long()
+    hist = torch.bincount(pos_P[pos_P >= n_cls] - n_cls, minlength=grid[0] * grid[1]).reshape(*grid)
+    im = ax2.imshow(hist.numpy(), cmap="magma")
+    fig.colorbar(im, ax=ax2, label="positional latents")
+    ax2.set_title(f"strongest token of positional latents\n({int((pos_P < n_cls).sum())} at CLS, "
+                  f"{int((pos_P >= n_cls).sum())} on the {grid[0]}x{grid[1]} patches)", fontsize=9)
+    ax2.set_xlabel("patch column")
+    ax2.set_ylabel("patch row")
+    fig.tight_layout()
+    _save(fig, path)

@@ -3,8 +3,10 @@
 Per latent: activated frequency (fraction of images whose image-level activation, the mean over the image's
 CLS + patch tokens, is > 0), mean activation over those images, the top-k reference images by image-level
 activation and by the largest single-patch activation, and class-level counts (tokens with activation > tau,
-summed over the images of each class). Memory is O(d_sae x (k + classes)): each batch's candidates are merged
-into running top-k tables, and no (images x tokens x d_sae) tensor is ever held.
+summed over the images of each class), the activation mass per token position (CLS and each patch, summed
+over images: where in the image a latent fires) and the number of tokens where it fires. Memory is
+O(d_sae x (k + classes + positions)): each batch's candidates are merged into running top-k tables, and no
+(images x tokens x d_sae) tensor is ever held. `analysis.kinds` reads latent kinds off these tables.
 
 Label entropy uses the natural log (nats): a latent whose references all share one label has entropy 0, one
 spread evenly over 10 classes has ln 10 = 2.30.
@@ -28,7 +30,8 @@ LOW_ENTROPY = 0.5  # nats; below it a latent's reference images are (nearly) one
 def add_class_counts(counts_CS: torch.Tensor, f_BTS: torch.Tensor, labels_B: torch.Tensor, tau: float) -> None:
     """The paper's class-level count, the one place it is computed: counts_CS[label] += the number of the image's
     tokens with activation > tau (strictly, so a zero never counts, even at tau = 0); in place."""
-    counts_CS.index_add_(0, labels_B.cpu().long(), (f_BTS > tau).sum(1).cpu())
+    counts_BS = (f_BTS > tau).sum(1, dtype=torch.int32)  # int32 sums run ~2x faster than int64 here
+    counts_CS.index_add_(0, labels_B.cpu().long(), counts_BS.cpu().long())
 
 
 class RunningTopK:
@@ -71,10 +74,18 @@ class LatentStats:
     patch_index_SK: torch.Tensor
     patch_label_SK: torch.Tensor
     class_counts_CS: torch.Tensor  # tokens with activation > tau, summed over the images of each class
+    class_images_C: torch.Tensor  # images of each class seen
+    position_mass_ST: torch.Tensor  # activation summed over images at each image token (CLS first, then patches)
+    token_fired_S: torch.Tensor  # tokens (over all images and positions) with activation > 0
 
     @property
     def d_sae(self) -> int:
         return len(self.fired_S)
+
+    @property
+    def token_frequency_S(self) -> torch.Tensor:
+        """Fraction of all analysed tokens (images x CLS + patch positions) where the latent fires."""
+        return (self.token_fired_S / max(self.n_images * self.position_mass_ST.shape[1], 1)).float()
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v.contiguous() for k, v in self.__dict__.items() if torch.is_tensor(v)}
@@ -83,7 +94,8 @@ class LatentStats:
 class LatentAccumulator:
     """Running sums and top-k tables, updated batch by batch; its size never depends on the image count."""
 
-    def __init__(self, d_sae: int, n_classes: int, k: int = 10, tau: float = 0.2):
+    def __init__(self, d_sae: int, n_classes: int, n_tokens: int, k: int = 10, tau: float = 0.2):
+        """n_tokens: image tokens per image (CLS + patches), the positions of `position_mass_ST`."""
         if k < 1:
             raise PatchSAEError(f"top-k must be at least 1, not {k}")
         self.tau = tau
@@ -93,11 +105,17 @@ class LatentAccumulator:
         self.image_top = RunningTopK(d_sae, k)
         self.patch_top = RunningTopK(d_sae, k)
         self.class_counts_CS = torch.zeros(n_classes, d_sae, dtype=torch.long)
+        self.class_images_C = torch.zeros(n_classes, dtype=torch.long)
+        self.position_mass_TS = torch.zeros(n_tokens, d_sae, dtype=torch.float64)  # (T, S): a batch's sum adds as is
+        self.token_fired_S = torch.zeros(d_sae, dtype=torch.long)
 
     def update(self, f_BTS: torch.Tensor, label_B: torch.Tensor, index_B: torch.Tensor,
                patch_rows_T: torch.Tensor) -> None:
         """f_BTS: latent activations at the image tokens only (CLS + patches, no prompt tokens);
         patch_rows_T marks which of those rows are patches."""
+        if f_BTS.shape[1] != self.position_mass_TS.shape[0]:
+            raise PatchSAEError(f"codes have {f_BTS.shape[1]} image tokens per image, the accumulator was made "
+                                f"for {self.position_mass_TS.shape[0]}")
         img_BS = f_BTS.mean(1)
         fired_BS = img_BS > 0
         self.fired_S += fired_BS.sum(0).cpu()
@@ -105,12 +123,16 @@ class LatentAccumulator:
         self.image_top.update(img_BS, index_B, label_B)
         self.patch_top.update(f_BTS[:, patch_rows_T].amax(1), index_B, label_B)
         add_class_counts(self.class_counts_CS, f_BTS, label_B, self.tau)
+        self.class_images_C += torch.bincount(label_B.cpu().long(), minlength=len(self.class_images_C))
+        self.position_mass_TS += f_BTS.sum(0).double().cpu()  # float32 within a batch, float64 across
+        self.token_fired_S += (f_BTS > 0).sum((0, 1), dtype=torch.int32).cpu()
         self.n_images += len(label_B)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the accumulator holds (for memory accounting)."""
         tables = [t for top in (self.image_top, self.patch_top) for t in top.__dict__.values()]
-        return [self.fired_S, self.sum_S, self.class_counts_CS, *tables]
+        return [self.fired_S, self.sum_S, self.class_counts_CS, self.class_images_C, self.position_mass_TS,
+                self.token_fired_S, *tables]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -119,7 +141,9 @@ class LatentAccumulator:
         n = max(self.n_images, 1)
         mean_S = self.sum_S / self.fired_S.clamp_min(1)
         return LatentStats(self.n_images, self.fired_S.clone(), (self.fired_S / n).float(), mean_S.float(),
-                           *self.image_top.result(), *self.patch_top.result(), self.class_counts_CS.clone())
+                           *self.image_top.result(), *self.patch_top.result(), self.class_counts_CS.clone(),
+                           self.class_images_C.clone(), self.position_mass_TS.T.float().contiguous(),
+                           self.token_fired_S.clone())
 
 
 def image_rows(model: ClipModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +160,7 @@ def collect_stats(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, ba
     """One pass over the first `max_images` images of `ds` (unreadable ones are skipped into `skips`)."""
     sae = sae.to(model.device).eval()
     rows_T, patch_rows_T = image_rows(model)
-    acc = LatentAccumulator(sae.cfg.d_sae, len(ds.class_names), k, tau)
+    acc = LatentAccumulator(sae.cfg.d_sae, len(ds.class_names), int(rows_T.sum()), k, tau)
     order = range(min(len(ds), max_images)) if max_images else None
     chunk = max(1, ENCODE_ELEMENTS // (int(rows_T.sum()) * sae.cfg.d_sae))
     for pixels, labels, idx in iter_batches(ds, model.preprocess, batch_size, order, skips,

@@ -48,12 +48,18 @@ def _bars(rows: list[tuple[str, float, str | None]]) -> str:
     return '<div class="bars counts">' + "".join(out) + "</div>"
 
 
+def _badge(kind: str) -> str:
+    return f'<span class="badge kind-{escape(kind)}">{escape(kind)}</span>'
+
+
 def _latent_row(s: dict, href: str, extra: str = "") -> str:
-    return (f'<tr><td><a href="{href}">#{s["latent"]}</a></td><td>{escape(s["name"])}</td>'
-            f'<td>{s["frequency"]:.4f}</td><td>{s["mean_activation"]:.4f}</td><td>{s["entropy"]:.3f}</td>{extra}</tr>')
+    return (f'<tr><td><a href="{href}">#{s["latent"]}</a></td><td>{_badge(s["kind"])}</td><td>{escape(s["label"])}</td>'
+            f'<td>{100 * s["class_share"]:.0f}%</td><td>{s["frequency"]:.4f}</td><td>{s["mean_activation"]:.4f}</td>'
+            f'<td>{s["entropy"]:.3f}</td>{extra}</tr>')
 
 
-LATENT_HEAD = "<tr><th>latent</th><th>name</th><th>frequency</th><th>mean act.</th><th>entropy (nats)</th>"
+LATENT_HEAD = ("<tr><th>latent</th><th>kind</th><th>name (score)</th><th>in one class</th><th>frequency</th>"
+               "<th>mean act.</th><th>entropy (nats)</th>")
 
 
 def write_report(ex: Explorer, out: str | Path, top: int = 50, class_top: int = 5) -> dict:
@@ -122,7 +128,13 @@ def _write(ex: Explorer, site: Path, top: int, class_top: int) -> dict:
 
 def _latent_page(ex: Explorer, d: dict) -> str:
     names = ", ".join(f"{escape(n['name'])} ({n['score']:.3f})" for n in d["names"]) or "—"
-    stats = (f'<table><tr><th>names</th><td>{names}</td></tr>'
+    q = d["quality"]
+    stats = (f'<table><tr><th>kind</th><td>{_badge(d["kind"])}</td></tr><tr><th>names</th><td>{names}'
+             f'{"" if d["kind"] == "class-selective" else " (not class-selective: a guess)"}</td></tr>'
+             f'<tr><th>class selectivity</th><td>{100 * q["class_share"]:.1f}% of its class-level count in '
+             f'{escape(q["top_class"] or "—")} (normalised entropy {q["class_entropy"]:.2f})</td></tr>'
+             f'<tr><th>spatial concentration</th><td>{100 * q["position_share"]:.1f}% of its activation mass at '
+             f'{escape(q["position"] or "—")}</td></tr>'
              f'<tr><th>frequency</th><td>{100 * d["frequency"]:.2f}% of {d["analysed_images"]} images '
              f'({d["fired_images"]})</td></tr><tr><th>mean activation</th><td>{d["mean_activation"]:.4f}</td></tr>'
              f'<tr><th>label entropy</th><td>{d["entropy"]:.3f} nats{" (low)" if d["low_entropy"] else ""}</td></tr>'
@@ -136,7 +148,7 @@ def _latent_page(ex: Explorer, d: dict) -> str:
     refs = "".join(f'<figure><img src="../{r["heatmap"]}" alt="reference image {r["index"]}" width="{THUMB}" '
                    f'height="{THUMB}"><figcaption>#{r["index"]} {escape(r["class"])} {r["value"]:.3f}</figcaption>'
                    f'</figure>' for r in d["references"])
-    body = (f'<h2>Latent #{d["latent"]} — {escape(d["name"])}</h2>{stats}<h3>Class-level counts (tokens with '
+    body = (f'<h2>Latent #{d["latent"]} — {escape(d["label"])}</h2>{stats}<h3>Class-level counts (tokens with '
             f'activation &gt; {ex.manifest["tau"]}, summed per class)</h3>{counts}<h3>Reference images '
             f'(image-level activation; heatmap of this latent)</h3><div class="refs">{refs or "none"}</div>')
     return _page(f"latent {d['latent']}", body, 1)
@@ -149,15 +161,18 @@ def _class_page(c: dict, details: dict) -> str:
         thumb = (f'<img src="../{refs[0]["heatmap"]}" alt="top reference of latent {s["latent"]}" width="56" '
                  f'height="56">' if refs else "")
         rows.append(_latent_row(s, f"../latents/{s['latent']}.html", f"<td>{s['count']}</td><td>{thumb}</td>"))
-    body = (f'<h2>Class {escape(c["class"])}</h2><p>Latents ranked by class-level count (tokens above tau in the '
-            f'images of this class).</p><table>{LATENT_HEAD}<th>count</th><th>top reference</th></tr>'
-            f'{"".join(rows)}</table>')
+    how = ("by specificity: the class's share of each latent's class-level count (tokens above tau), largest first"
+           if c["order"] == "specificity" else "by class-level count (tokens above tau in the class's images)")
+    body = (f'<h2>Class {escape(c["class"])}</h2><p>Latents ranked {how}.</p><table>{LATENT_HEAD}<th>count</th>'
+            f'<th>top reference</th></tr>{"".join(rows)}</table>')
     return _page(f"class {c['class']}", body, 1)
 
 
 def _index_page(ex: Explorer, chosen: list[int], classes: list[dict], figures: list[Path], top: int,
                 class_top: int) -> str:
     i = ex.info()
+    kinds_line = ", ".join(f"{n} {escape(k)}" for k, n in i["kinds"].items())
+    hidden = " and ".join(f"{i['kinds'][k]} {k}" for k in ("dense", "positional"))
     rows = "".join(_latent_row(ex.summary(l), f"latents/{l}.html") for l in chosen)
     cls = "".join(f'<li><a href="classes/{c["index"]}.html">{escape(c["class"])}</a></li>' for c in classes)
     figs = "".join(f'<a href="figures/{p.name}"><img src="figures/{p.name}" alt="{escape(p.name)}"></a>'
@@ -165,8 +180,11 @@ def _index_page(ex: Explorer, chosen: list[int], classes: list[dict], figures: l
     body = (f'<h2>{escape(i["model"])}, block {i["layer"]}, {i["d_sae"]} latents</h2>'
             f'<p>Statistics over {i["dataset"]["analysed_images"]} images of {escape(i["dataset"]["name"])}/'
             f'{escape(i["dataset"]["split"])}; {i["alive_latents"]} latents fired, {i["n_low_entropy"]} with label '
-            f'entropy &lt; {i["low_entropy_threshold"]} nats. Listed: the {min(top, len(ex.order))} most '
-            f'interpretable latents (low entropy first, then by frequency) and each class\'s top {class_top}. '
+            f'entropy &lt; {i["low_entropy_threshold"]} nats. Kinds: {kinds_line}.</p>'
+            f'<p><b>Filter:</b> listed are the {min(top, len(ex.order))} most interpretable latents of the kinds '
+            f'{" and ".join(i["shown_by_default"])}: class-selective latents first, by the largest share of their '
+            f'class-level count in one class, then label entropy and frequency; {hidden} are left out (the '
+            f'explorer shows them on request). Each class\'s top {class_top} are ranked by specificity. '
             f'The same content as JSON: <a href="data/latents.json">latents.json</a>, '
             f'<a href="data/classes.json">classes.json</a>.</p>'
             f'<h3>Classes</h3><ul>{cls}</ul><h3>Latents</h3><table>{LATENT_HEAD}</tr>{rows}</table>'

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from patchsae import PatchSAEError
 from patchsae.analysis.figures import listed_figures
+from patchsae.analysis.kinds import KINDS, SHOWN_BY_DEFAULT
 from patchsae.explorer.session import STATIC_DIR, Explorer, NotAnImage, UnknownImage
 
 MAX_UPLOAD = 10 * 1024 * 1024
@@ -203,16 +204,18 @@ def create_app(explorer: Explorer, max_upload: int = MAX_UPLOAD, limits: Limits 
         return png(explorer.image_png(image_id(image), latent, kind, model))
 
     @app.get("/api/latents")
-    def latents(q: str = "", limit: int = 50):
-        return explorer.search(q[:200], min(max(limit, 1), 1000))
+    def latents(q: str = "", limit: int = 50, show: str = "default"):
+        """show: "default" (class-selective and other), "all" (every live kind) or kinds joined by commas."""
+        shown = {"default": SHOWN_BY_DEFAULT, "all": KINDS[:-1]}.get(show) or [k for k in show.split(",") if k]
+        return explorer.search(q[:200], min(max(limit, 1), 1000), shown)
 
     @app.get("/api/latents/{latent}")
     def latent(latent: int):
         return explorer.latent(latent)
 
     @app.get("/api/classes/{index}")
-    def class_latents(index: int, n: int = 10):
-        return explorer.class_latents(index, min(max(n, 1), 100))
+    def class_latents(index: int, n: int = 10, order: str = "specificity"):
+        return explorer.class_latents(index, min(max(n, 1), 100), order)
 
     @app.post("/api/steer")
     def steer(req: SteerRequest):

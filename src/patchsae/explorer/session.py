@@ -24,9 +24,10 @@ import torch
 from PIL import Image
 
 from patchsae import PatchSAEError
-from patchsae.analysis import patch_maps
+from patchsae.analysis import kinds, patch_maps
 from patchsae.analysis.latents import LOW_ENTROPY
 from patchsae.data.base import ImageTooLarge, open_image
+from patchsae.explorer.catalog import Catalog
 from patchsae.models.clip import ClipModel
 from patchsae.runs import Run
 from patchsae.runs.artefacts import open_run, open_run_dataset, require_analysis
@@ -63,13 +64,6 @@ class ImageEntry:
                 + sum(n for key, n in code_bytes.items() if key not in self.f_TS))
 
 
-def interpretable_order(tensors: dict[str, torch.Tensor]) -> list[int]:
-    """Latents that fired, low label entropy first (the paper's interpretable corner), each part by frequency."""
-    freq_S, ent_S = tensors["frequency_S"], tensors["entropy_S"]
-    alive = [int(l) for l in torch.argsort(freq_S, descending=True, stable=True) if freq_S[l] > 0]
-    return [l for l in alive if ent_S[l] < LOW_ENTROPY] + [l for l in alive if ent_S[l] >= LOW_ENTROPY]
-
-
 def split_common(base: Sequence[int], adapted: Sequence[int]) -> dict[str, list[int]]:
     """The reference demo's three groups of two top-latent lists: in both, only in the base model's, only in
     the adapted model's (each in its own list's order)."""
@@ -96,9 +90,10 @@ def decode_upload(data: bytes) -> Image.Image:
         raise NotAnImage(f"the uploaded file is not an image PIL can read ({type(exc).__name__})") from None
 
 
-class Explorer:
-    """One run opened for exploring. All model work runs under one lock: steering installs a hook on the shared
-    model, and no other forward pass may run while it is in place."""
+class Explorer(Catalog):
+    """One run opened for exploring (its latents' statistics and listings: `Catalog`). All model work runs under
+    one lock: steering installs a hook on the shared model, and no other forward pass may run while it is in
+    place."""
 
     def __init__(self, run: Run, adapt: Callable[[ClipModel], ClipModel] | None = None, max_images: int = 64,
                  max_bytes: int = 1 << 30):
@@ -109,8 +104,7 @@ class Explorer:
         cfg, model, sae, self.layer = open_run(run)
         self.sae = sae.to(model.device).eval()
         analysis = require_analysis(run, sae.cfg.d_sae)
-        self.manifest, self.stats = analysis.manifest, analysis.tensors
-        self.class_names = list(self.manifest["class_names"])
+        super().__init__(analysis.manifest, analysis.tensors, model.layout())
         self.models: dict[str, ClipModel] = {"base": model}
         adapted = adapt(model) if adapt is not None else None
         if adapted is not None:
@@ -126,11 +120,6 @@ class Explorer:
         self.heads = {"base": base_head}
         if adapted is not None:
             self.heads["adapted"] = adapted.text_head(self.class_names)
-        vocab = self.manifest["naming"]["vocabulary"]
-        self.names = [[(vocab[int(i)], float(s)) for i, s in zip(idx, sc) if i >= 0]
-                      for idx, sc in zip(self.stats["name_index_SN"].tolist(), self.stats["name_score_SN"].tolist())]
-        self.order = interpretable_order(self.stats)
-        self._rank = {l: r for r, l in enumerate(self.order)}
         self._images: OrderedDict[str, ImageEntry] = OrderedDict()
         self._max_images, self._max_bytes = max_images, max_bytes  # dense codes: 39 MB an image at ViT-B/16 x64
         self._code_bytes = {key: (m.layout().n_cls + m.layout().n_patches) * self.d_sae * self.sae.W_enc.element_size()
@@ -138,13 +127,6 @@ class Explorer:
         self.lock = threading.RLock()
 
     # ---- basic facts ----------------------------------------------------------------------------------------
-    @property
-    def d_sae(self) -> int:
-        return self.sae.cfg.d_sae
-
-    def name(self, latent: int) -> str:
-        return self.names[latent][0][0] if self.names[latent] else ""
-
     def info(self) -> dict:
         model = self.models["base"]
         layout = model.layout()
@@ -156,12 +138,10 @@ class Explorer:
                 "dataset": {"name": m["dataset"], "split": m["split"], "analysed_images": m["n_images"],
                             "size": len(self.ds) if self.ds is not None else 0, "error": self.ds_error},
                 "low_entropy_threshold": LOW_ENTROPY, "n_low_entropy": m.get("n_low_entropy"),
-                "alive_latents": len(self.order), "tau": m["tau"]}
-
-    def check_latent(self, latent: int) -> int:
-        if not 0 <= latent < self.d_sae:
-            raise PatchSAEError(f"latent {latent} does not exist (the SAE has {self.d_sae}: 0..{self.d_sae - 1})")
-        return latent
+                "alive_latents": int((self.stats["fired_S"] > 0).sum()), "tau": m["tau"],
+                "kinds": (m.get("kinds") or {}).get("counts") or self.kinds.counts(),
+                "kind_thresholds": (m.get("kinds") or {}).get("thresholds"),
+                "shown_by_default": list(kinds.SHOWN_BY_DEFAULT)}
 
     def check_model(self, key: str) -> ClipModel:
         if key not in self.models:
@@ -238,10 +218,6 @@ class Explorer:
                     raise UnknownImage(image_id)
             return self._images[image_id]
 
-    def _latent_rows(self, ids: Sequence[int], vals: Sequence[float]) -> list[dict]:
-        return [{"latent": int(i), "activation": round(float(v), 5), "name": self.name(int(i))}
-                for i, v in zip(ids, vals) if v > 0]
-
     @torch.no_grad()
     def predictions(self, emb_BE: torch.Tensor, key: str, n: int = 5) -> list[dict]:
         """Top-n zero-shot classes with the model's own probabilities (CLIP: softmax at its logit scale; SigLIP:
@@ -264,7 +240,8 @@ class Explorer:
             p_vals, p_ids = f_TS[layout.n_cls:].topk(min(per_patch, self.d_sae), dim=1)
             emb = self.embedding(e, key)
             out["models"][key] = {
-                "model": model.name, "top_latents": self._latent_rows(ids, vals),
+                "model": model.name, "top_latents": self._latent_rows(ids, vals, image_level=True),
+                "top_relative": self._top_relative(f_TS, n),
                 "patches": [self._latent_rows(i, v) for i, v in zip(p_ids.tolist(), p_vals.tolist())],
                 "predictions": self.predictions(emb, key)}
         if "adapted" in self.models:
@@ -296,56 +273,6 @@ class Explorer:
         heat = patch_maps.upsample(grid, (size, size))
         return png_bytes(patch_maps.heatmap_overlay(img, heat) if kind == "heatmap"
                          else patch_maps.segmentation(img, heat))
-
-    # ---- latents --------------------------------------------------------------------------------------------
-    def summary(self, latent: int) -> dict:
-        s = self.stats
-        return {"latent": latent, "name": self.name(latent), "frequency": round(float(s["frequency_S"][latent]), 6),
-                "mean_activation": round(float(s["mean_act_S"][latent]), 5),
-                "entropy": round(float(s["entropy_S"][latent]), 4)}
-
-    def latent(self, latent: int) -> dict:
-        """Statistics of one latent from `analyze`: names, frequency, mean activation, label entropy, majority
-        label, class-level counts and reference images (by image-level and by single-patch activation)."""
-        l, s = self.check_latent(latent), self.stats
-        maj = int(s["majority_S"][l])
-
-        def refs(prefix: str) -> list[dict]:
-            return [{"index": int(i), "value": round(float(v), 5), "class": self.class_names[int(y)]}
-                    for i, v, y in zip(s[f"{prefix}_index_SK"][l], s[f"{prefix}_value_SK"][l],
-                                       s[f"{prefix}_label_SK"][l]) if i >= 0]
-
-        return {**self.summary(l), "names": [{"name": n, "score": round(sc, 4)} for n, sc in self.names[l]],
-                "fired_images": int(s["fired_S"][l]), "analysed_images": self.manifest["n_images"],
-                "majority": self.class_names[maj] if maj >= 0 else None,
-                "low_entropy": bool(s["entropy_S"][l] < LOW_ENTROPY) and int(s["fired_S"][l]) > 0,
-                "rank": self._rank.get(l),
-                "class_counts": [{"class": c, "count": int(n)} for c, n in zip(self.class_names,
-                                                                               s["class_counts_CS"][:, l])],
-                "dataset_count": int(s["dataset_counts_S"][l]),
-                "references": refs("top"), "patch_references": refs("patch")}
-
-    def search(self, query: str = "", limit: int = 50) -> dict:
-        """Latents whose id equals the query or whose names contain it (case-insensitive); with no query, the
-        most interpretable ones. Results in interpretability order, dead latents last."""
-        q = query.strip().lower()
-        if not q:
-            hits = self.order
-        else:
-            by_name = [l for l in range(self.d_sae) if any(q in n.lower() for n, _ in self.names[l])]
-            by_id = [int(q)] if q.isdigit() and int(q) < self.d_sae else []
-            first = lambda l: q not in self.name(l).lower()  # noqa: E731 - matches of the top name first
-            hits = by_id + sorted((l for l in by_name if l not in by_id),
-                                  key=lambda l: (first(l), self._rank.get(l, self.d_sae + l)))
-        return {"query": query, "total": len(hits), "latents": [self.summary(l) for l in hits[:limit]]}
-
-    def class_latents(self, c: int, n: int = 10) -> dict:
-        if not 0 <= c < len(self.class_names):
-            raise PatchSAEError(f"class {c} does not exist (0..{len(self.class_names) - 1})")
-        counts_S = self.stats["class_counts_CS"][c]
-        vals, ids = counts_S.topk(min(n, self.d_sae))
-        return {"class": self.class_names[c], "index": c,
-                "latents": [{**self.summary(int(i)), "count": int(v)} for i, v in zip(ids, vals) if v > 0]}
 
     # ---- steering ------------------------------------------------------------------------------------------
     def steer(self, image_id: str, latent: int, scale: float, patches: Sequence[Sequence[int]] | None = None,

@@ -117,6 +117,9 @@ def require_analysis(run: Run, d_sae: int) -> Analysis:
     if found is None:
         raise PatchSAEError(f"{run.path} has no current concept statistics for its SAE ({run.analysis_dir}); run "
                             f"`patchsae analyze --run {run.path}` first")
+    if "kind_S" not in found.tensors:
+        raise PatchSAEError(f"{run.analysis_dir} was written before latent kinds existed; rerun `patchsae analyze "
+                            f"--run {run.path}`")
     return found
 
 

@@ -3,6 +3,13 @@
 
 const $ = (sel) => document.querySelector(sel);
 const state = { info: null, image: null, latent: null, patches: [], lastPatch: null };
+const KIND_NOTE = {
+  "class-selective": "most of its class-level count is in one class",
+  "other": "alive, but neither one class nor one position nor dense",
+  "positional": "most of its activation mass sits at one token position, whatever the image",
+  "dense": "fires on most images",
+  "dead": "never fired on the analysed images",
+};
 
 function esc(s) {
   return String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
@@ -33,17 +40,24 @@ function imageUrl(imageId, latent, kind, model) {
   return `/api/images/${imageId}/image.png?${q}`;
 }
 
+function badge(kind) {
+  return kind ? `<span class="badge kind-${esc(kind)}" title="${esc(KIND_NOTE[kind] || "")}">${esc(kind)}</span>` : "";
+}
+
 // ---- bars -----------------------------------------------------------------------------------------------
 function bars(rows, opts = {}) {
   if (!rows.length) return '<p class="muted">no active latents</p>';
   const max = Math.max(...rows.map((r) => r.activation));
-  return '<div class="bars">' + rows.map((r) => {
+  const rel = rows.some((r) => r.relative !== undefined);
+  return `<div class="bars${rel ? " relative" : ""}">` + rows.map((r) => {
     const w = max > 0 ? (100 * r.activation / max).toFixed(1) : 0;
     const sel = r.latent === state.latent ? " selected" : "";
-    return `<div class="bar${sel}" data-latent="${r.latent}" title="latent ${r.latent}">` +
-      `<span>#${r.latent}</span><span class="name">${esc(r.name || "")}</span>` +
+    const relCell = rel ? `<span class="val rel" title="activation relative to this latent's typical (mean) ` +
+      `image-level activation">×${(r.relative || 0).toFixed(1)}</span>` : "";
+    return `<div class="bar${sel}" data-latent="${r.latent}" title="latent ${r.latent} (${esc(r.kind || "")})">` +
+      `<span>#${r.latent}</span><span class="name">${badge(r.kind)} ${esc(r.label || r.name || "")}</span>` +
       `<div class="track"><div class="fill" style="width:${w}%"></div></div>` +
-      `<span class="val">${r.activation.toFixed(3)}</span></div>`;
+      `<span class="val">${r.activation.toFixed(3)}</span>${relCell}</div>`;
   }).join("") + "</div>";
 }
 
@@ -79,7 +93,8 @@ async function showAnalysis(a) {
     html = part("common", a.groups.common, base) + part("base only", a.groups.base_only, base) +
       part("adapted only", a.groups.adapted_only, adapted);
   } else {
-    html = bars(a.models.base.top_latents);
+    const byRel = document.querySelector("input[name=image-order]:checked").value === "relative";
+    html = bars(byRel ? a.models.base.top_relative : a.models.base.top_latents);
   }
   $("#image-latents").innerHTML = html;
   $("#image-latents").classList.remove("muted");
@@ -155,10 +170,16 @@ async function selectLatent(latent) {
   refreshImage();
   let d;
   try { d = await api(`/api/latents/${latent}`); } catch (e) { return; }
-  $("#latent-title").textContent = `Latent #${d.latent}` + (d.name ? ` — ${d.name}` : "");
+  $("#latent-title").textContent = `Latent #${d.latent}` + (d.label ? ` — ${d.label}` : "");
   const names = d.names.map((n) => `${esc(n.name)} (${n.score.toFixed(3)})`).join(", ") || "—";
+  const q = d.quality;
   let html = `<table class="stats">
-    <tr><th>names</th><td>${names}</td></tr>
+    <tr><th>kind</th><td>${badge(d.kind)} <span class="muted">${esc(KIND_NOTE[d.kind] || "")}</span></td></tr>
+    <tr><th>names</th><td>${names}${d.kind === "class-selective" ? "" : ' <span class="muted">(not class-selective: a guess)</span>'}</td></tr>
+    <tr><th>class selectivity</th><td>${(100 * q.class_share).toFixed(1)}% of its class-level count in ${esc(q.top_class || "—")} ` +
+      `(normalised entropy ${q.class_entropy.toFixed(2)})</td></tr>
+    <tr><th>spatial concentration</th><td>${(100 * q.position_share).toFixed(1)}% of its activation mass at ${esc(q.position || "—")}</td></tr>
+    <tr><th>token density</th><td>${(100 * q.token_frequency).toFixed(2)}% of tokens</td></tr>
     <tr><th>frequency</th><td>${(100 * d.frequency).toFixed(2)}% of ${d.analysed_images} images (${d.fired_images})</td></tr>
     <tr><th>mean activation</th><td>${d.mean_activation.toFixed(4)}</td></tr>
     <tr><th>label entropy</th><td>${d.entropy.toFixed(3)} nats${d.low_entropy ? " (low)" : ""}</td></tr>
@@ -192,22 +213,32 @@ async function selectLatent(latent) {
 }
 
 function listItems(rows, extra) {
-  return rows.map((r) => `<div class="item" data-latent="${r.latent}">#${r.latent} ${esc(r.name || "")} ` +
+  return rows.map((r) => `<div class="item" data-latent="${r.latent}">#${r.latent} ${badge(r.kind)} ${esc(r.label || r.name || "")} ` +
     `<span class="muted">f=${r.frequency.toFixed(3)} H=${r.entropy.toFixed(2)}${extra ? extra(r) : ""}</span></div>`).join("");
+}
+
+function shownKinds() {
+  const kinds = ["class-selective", "other"];
+  document.querySelectorAll("input[name=show-kind]:checked").forEach((el) => kinds.push(el.value));
+  return kinds;
 }
 
 async function search(q) {
   let res;
-  try { res = await api(`/api/latents?q=${encodeURIComponent(q)}&limit=100`); } catch (e) { return; }
-  $("#latent-list").innerHTML = `<p class="muted">${res.total} latents${q ? "" : ", most interpretable first"}</p>` +
+  const show = shownKinds().join(",");
+  try { res = await api(`/api/latents?q=${encodeURIComponent(q)}&limit=100&show=${encodeURIComponent(show)}`); } catch (e) { return; }
+  const hidden = Object.entries(res.hidden).filter(([, n]) => n > 0).map(([k, n]) => `${n} ${k}`).join(", ");
+  const what = q ? "" : ", most interpretable first (class-selective by selectivity)";
+  $("#latent-list").innerHTML = `<p class="muted">${res.total} latents${what}${hidden ? `; hidden: ${esc(hidden)}` : ""}</p>` +
     listItems(res.latents);
   bindLatentClicks($("#latent-list"));
 }
 
 async function showClass(c) {
   let res;
-  try { res = await api(`/api/classes/${c}`); } catch (e) { return; }
-  $("#class-latents").innerHTML = listItems(res.latents, (r) => ` count=${r.count}`);
+  const order = $("#class-order").value;
+  try { res = await api(`/api/classes/${c}?order=${order}`); } catch (e) { return; }
+  $("#class-latents").innerHTML = listItems(res.latents, (r) => ` count=${r.count} share=${(100 * r.share).toFixed(0)}%`);
   bindLatentClicks($("#class-latents"));
 }
 
@@ -264,6 +295,9 @@ async function init() {
   let timer = null;
   $("#search").addEventListener("input", (ev) => { clearTimeout(timer); timer = setTimeout(() => search(ev.target.value), 200); });
   $("#class-select").addEventListener("change", (ev) => showClass(ev.target.value));
+  $("#class-order").addEventListener("change", () => showClass($("#class-select").value));
+  document.querySelectorAll("input[name=show-kind]").forEach((el) => el.addEventListener("change", () => search($("#search").value)));
+  document.querySelectorAll("input[name=image-order]").forEach((el) => el.addEventListener("change", () => { if (state.image) showAnalysis(state.image); }));
   search("");
   showClass(0);
   // a first visit shows something: dataset image 0, analysed as if picked (before `ready`, so a later pick
