@@ -51,3 +51,31 @@ def csv_text(header: list, rows) -> str:
     w.writerow(header)
     w.writerows(rows)
     return buf.getvalue()
+
+@contextmanager
+def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; it becomes `path` only if the block succeeds.
+
+    An existing `path` is refused unless `force`, and then replaced only once the new folder is complete, so a
+    failure (or a kill) leaves the old one as it was.
+    """
+    import shutil
+
+    from patchsae import PatchSAEError
+
+    path = Path(path)
+    if path.exists() and not force:
+        raise PatchSAEError(f"{path} already exists; pass --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    old = None
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
