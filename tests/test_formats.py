@@ -372,3 +372,61 @@ def test_atomic_dir_refuses_then_replaces_only_on_success(tmp_path):
         write_sae(make_sae("topk"), tmp, "saelens")
     assert json.loads((out / "cfg.json").read_text())["architecture"] == "topk"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left behind
+
+
+# ---- the Hugging Face hub --------------------------------------------------------------------------------------
+def test_hub_source_from_cache_offline_and_unreachable_hub(tmp_path, monkeypatch):
+    """huggingface_hub's own cache lookup (HF_HUB_OFFLINE=1 in the tests) finds a cached snapshot; without one
+    the error says how to download it elsewhere."""
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(PatchSAEError) as e:
+        read_sae("hf:someone/clip-sae")
+    msg = _one_line(e)
+    assert "hf download someone/clip-sae --local-dir clip-sae" in msg and "HF_HUB_OFFLINE" in msg
+    assert "--sae clip-sae" in msg
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--someone--clip-sae"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    sae = make_sae("jumprelu")
+    export(sae, repo / "snapshots" / commit, "saelens", name="block10", model="openai/clip-vit-base-patch16",
+           layer=10)
+    got = read_sae("hf:someone/clip-sae/block10")
+    assert got.format == "saelens" and got.source == "hf:someone/clip-sae/block10" and got.layer == 10
+    assert rel(got.sae.encode(acts()), sae.encode(acts())) <= 1e-5
+    with pytest.raises(PatchSAEError, match="hf:OWNER/REPO"):
+        read_sae("hf:just-a-name")
+
+
+def test_hub_folder_opens_in_saelens_and_here_and_has_a_model_card(tmp_path):
+    from huggingface_hub import ModelCard
+    from sae_lens import SAE as LensSAE
+
+    from patchsae.sae.formats.hub import write_hub
+
+    sae = make_sae("topk")
+    (tmp_path / "stats.safetensors").write_bytes(b"x")
+    metrics = {"explained_variance": 0.95, "mse": 0.01, "l0_per_token": 6.0, "dead_fraction": 0.02,
+               "zero_shot_accuracy": 0.85, "spliced_accuracy": 0.84, "n_tokens": 1000}
+    with atomic_dir(tmp_path / "hub") as tmp:
+        write_hub(tmp, sae, model="openai/clip-vit-base-patch16", layer=10, tokens="all", dataset="imagenet-1k",
+                  run_config={"arch": "topk"}, metrics=metrics, analysis_files=[tmp_path / "stats.safetensors"],
+                  train_info={"tokens_trained": 12345})
+    out = tmp_path / "hub"
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "patchsae"
+    assert card.data.base_model == "openai/clip-vit-base-patch16"
+    assert card.data.datasets == ["imagenet-1k"] and "sparse-autoencoder" in card.data.tags
+    results = card.data.eval_results
+    assert {r.metric_type: r.metric_value for r in results}["explained_variance"] == pytest.approx(0.95)
+    assert "| tokens trained | 12345 |" in card.text and "SAE.load_from_disk" in card.text
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert (out / "analysis" / "stats.safetensors").read_bytes() == b"x"
+    x = acts()
+    assert rel(LensSAE.load_from_disk(str(out)).encode(x), sae.encode(x)) <= 1e-5
+    back = read_sae(out)
+    assert back.sae.cfg == sae.cfg and back.dataset == "imagenet-1k"

@@ -38,20 +38,37 @@ def resolve_hub(spec: str) -> Path:
     try:
         root = Path(snapshot_download(repo, allow_patterns=[f"{sub}/*"] if sub else None))
     except Exception as exc:  # noqa: BLE001 - offline, DNS, HTTP and auth errors all mean the same to the user
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        local = repo.split("/")[1]
         raise PatchSAEError(
-            f"cannot get {repo} from the Hugging Face hub ({type(exc).__name__}: {reason[:160]}); on a machine "
-            f"with internet run `huggingface-cli download {repo} --local-dir {repo.split('/')[1]}`, copy that "
-            f"folder here and pass --sae {repo.split('/')[1]}{'/' + sub if sub else ''}") from None
+            f"cannot get {repo} from the Hugging Face hub ({_why(exc)}); on a machine with internet run "
+            f"`hf download {repo} --local-dir {local}` (older huggingface_hub: `huggingface-cli download`), copy "
+            f"that folder here and pass --sae {local}{'/' + sub if sub else ''}") from None
     folder = root / sub if sub else root
     if not folder.exists():
         raise PatchSAEError(f"{repo} has no folder {sub!r}")
     return folder
 
 
+def _why(exc: Exception) -> str:
+    """A short reason: offline mode with nothing cached, or the first sentence of the error."""
+    from huggingface_hub import constants
+
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set and it is not in the local cache"
+    if isinstance(exc, RepositoryNotFoundError):
+        return "no such repository, or a private one: log in with `hf auth login`"
+    if isinstance(exc, LocalEntryNotFoundError):
+        return "huggingface.co cannot be reached and it is not in the local cache"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:100]}"
+
+
 def write_hub(folder: Path, sae, *, model: str | None, layer: int | None, tokens: str | None,
               dataset: str | None, run_config: dict | None = None, metrics: dict | None = None,
-              analysis_files: list[Path] | tuple = (), train_info: dict | None = None) -> None:
+              analysis_files: list[Path] | tuple = (), train_info: dict | None = None,
+              repo_id: str | None = None) -> None:
     """Fill an existing (temporary) folder with everything a hub model repo of this SAE needs."""
     from patchsae.sae.formats import write_sae
 
@@ -65,7 +82,7 @@ def write_hub(folder: Path, sae, *, model: str | None, layer: int | None, tokens
     card = model_card(sae.cfg.to_json(), model=model, layer=layer, tokens=tokens, dataset=dataset,
                       metrics=metrics or {}, train_info=train_info or {},
                       analysis=[Path(f).name for f in analysis_files])
-    (folder / "README.md").write_text(card)
+    (folder / "README.md").write_text(card.replace("OWNER/REPO", repo_id) if repo_id else card)
 
 
 def _yaml_str(s: str) -> str:
@@ -94,9 +111,8 @@ def model_card(sae_cfg: dict, *, model, layer, tokens, dataset, metrics: dict, t
     lines += ["---", ""]
     body = [
         f"# PatchSAE: {sae_cfg['arch']} SAE on block {layer} of {model}", "",
-        f"A sparse autoencoder trained with [patchsae](https://github.com/dynamical-inference/patchsae)-style "
-        f"training on the residual stream after block {layer} of `{model}`, token set `{tokens}`, "
-        f"on `{dataset}`.", "",
+        f"A sparse autoencoder on the residual stream after block {layer} of `{model}` (token set `{tokens}`), "
+        f"trained with patchsae on `{dataset}` following PatchSAE (Lim et al., ICLR 2025, arXiv 2412.05276).", "",
         "| setting | value |", "|---|---|",
         f"| architecture | {sae_cfg['arch']}" + (f" (k = {sae_cfg['k']})" if sae_cfg["arch"] in ("topk", "batchtopk")
                                                    else "") + " |",
