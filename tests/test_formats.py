@@ -430,3 +430,38 @@ def test_hub_folder_opens_in_saelens_and_here_and_has_a_model_card(tmp_path):
     assert rel(LensSAE.load_from_disk(str(out)).encode(x), sae.encode(x)) <= 1e-5
     back = read_sae(out)
     assert back.sae.cfg == sae.cfg and back.dataset == "imagenet-1k"
+
+
+def test_check_fits_width_and_layers():
+    from dataclasses import replace
+
+    from patchsae.sae.formats import ForeignSAE, check_fits
+
+    f = ForeignSAE(make_sae("relu"), "saelens", "x", model="m", layer=10)
+    assert check_fits(f, D, 12, None) == 10 and check_fits(f, D, 12, -2) == 10
+    with pytest.raises(PatchSAEError, match="width 24, but the model's blocks have width 32"):
+        check_fits(f, 32, 12, None)
+    with pytest.raises(PatchSAEError, match="block 10 \\(from its file\\) does not exist in a model with 4 blocks"):
+        check_fits(f, D, 4, None)
+    with pytest.raises(PatchSAEError, match="asks for block 9"):
+        check_fits(f, D, 12, 9)
+    with pytest.raises(PatchSAEError, match="pass --layer"):
+        check_fits(replace(f, layer=None), D, 12, None)
+    assert check_fits(replace(f, layer=None), D, 12, -1) == 11
+
+
+def test_read_config_file_json_toml_and_errors(tmp_path):
+    from patchsae.utils import read_config_file
+
+    (tmp_path / "a.json").write_text('{"lr": 0.001, "arch": "topk"}')
+    (tmp_path / "a.toml").write_text('lr = 0.001\narch = "topk"\n[train]\nepochs = 2.0\n')
+    assert read_config_file(tmp_path / "a.json") == {"lr": 0.001, "arch": "topk"}
+    assert read_config_file(tmp_path / "a.toml") == {"lr": 0.001, "arch": "topk", "train": {"epochs": 2.0}}
+    for name, text, msg in (("b.json", "{lr: 1", "not valid JSON"), ("b.toml", "lr = = 1", "not valid TOML"),
+                            ("c.json", "[1, 2]", "mapping")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(PatchSAEError, match=msg) as e:
+            read_config_file(tmp_path / name)
+        _one_line(e)
+    with pytest.raises(PatchSAEError, match="cannot read"):
+        read_config_file(tmp_path / "missing.json")

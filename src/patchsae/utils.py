@@ -79,3 +79,36 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A mapping of options from a JSON or TOML file (by suffix; `.toml` is TOML, anything else JSON), or one
+    PatchSAEError line saying why not."""
+    from patchsae import PatchSAEError
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PatchSAEError(f"{path}: cannot read config file ({getattr(exc, 'strerror', None) or exc})") from None
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise PatchSAEError(f"{path}: TOML needs Python 3.11+ or `pip install tomli`; "
+                                    "or write the file as JSON") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise PatchSAEError(f"{path}: not valid TOML ({exc})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise PatchSAEError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise PatchSAEError(f"{path}: a config file holds a mapping of option names to values")
+    return data

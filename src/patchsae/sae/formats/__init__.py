@@ -95,6 +95,28 @@ def _read_ours(folder: Path, source: str) -> ForeignSAE:
                       tokens=meta.get("tokens"), dataset=meta.get("dataset"), info={})
 
 
+def check_fits(foreign: ForeignSAE, d_model: int, n_layers: int, layer: int | None) -> int:
+    """The block index (0..n_layers-1) the SAE hooks in a model of width d_model with n_layers blocks; one line
+    if its width differs, its recorded block does not exist there, or `layer` (asked for) names another block."""
+    name = foreign.source
+    if foreign.sae.cfg.d_model != d_model:
+        raise PatchSAEError(f"{name} reads activations of width {foreign.sae.cfg.d_model}, but the model's blocks "
+                            f"have width {d_model}" + (f" (it was trained on {foreign.model})" if foreign.model else ""))
+    resolved = {}
+    for what, value in (("its file", foreign.layer), ("--layer", layer)):
+        if value is None:
+            continue
+        if not -n_layers <= value < n_layers:
+            raise PatchSAEError(f"{name}: block {value} (from {what}) does not exist in a model with {n_layers} blocks")
+        resolved[what] = value % n_layers
+    if len(set(resolved.values())) > 1:
+        raise PatchSAEError(f"{name} hooks block {foreign.layer} but --layer {layer} asks for block "
+                            f"{resolved['--layer']}; drop --layer or pass the block the SAE was trained on")
+    if not resolved:
+        raise PatchSAEError(f"{name} does not say which block it hooks; pass --layer")
+    return next(iter(resolved.values()))
+
+
 def write_sae(sae: SAE, folder: Path, fmt: str, model: str | None = None, layer: int | None = None,
               tokens: str | None = None, dataset: str | None = None, info: dict | None = None) -> None:
     """Write `sae` in `fmt` into an existing (temporary) folder, with our sidecar; see utils.atomic_dir."""
@@ -110,5 +132,5 @@ def write_sae(sae: SAE, folder: Path, fmt: str, model: str | None = None, layer:
     (folder / SIDECAR).write_text(json.dumps(side, indent=2) + "\n")
 
 
-__all__ = ["FORMATS", "EXPORT_FORMATS", "ForeignSAE", "PlainSAE", "detect_format", "read_sae", "write_sae",
+__all__ = ["FORMATS", "EXPORT_FORMATS", "ForeignSAE", "PlainSAE", "check_fits", "detect_format", "read_sae", "write_sae",
            "plain_from_sae", "sae_from_plain"]

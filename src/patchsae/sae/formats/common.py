@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -87,14 +87,16 @@ def sae_from_plain(plain: PlainSAE, where: str, input_scale: float | None = None
     base = SAEConfig(d_model=plain.d_model, d_sae=plain.d_sae, arch=plain.arch, k=plain.k or 32)
     if cfg is not None and (cfg.d_model, cfg.d_sae) == (plain.d_model, plain.d_sae) and _compatible(cfg, plain):
         base = cfg
-    sae = SAE(base)
-    state = {"W_enc": plain.W_enc_DS / s, "b_enc": plain.b_enc_S, "W_dec": plain.W_dec_SD * s,
-             "b_dec": plain.b_dec_D * s, "input_scale": torch.tensor(s)}
+    scaled = (lambda t, f: t) if s == 1.0 else (lambda t, f: t * f)
+    state = {"W_enc": scaled(plain.W_enc_DS, 1 / s), "b_enc": plain.b_enc_S, "W_dec": scaled(plain.W_dec_SD, s),
+             "b_dec": scaled(plain.b_dec_D, s), "input_scale": torch.tensor(s)}
     if base.arch == "jumprelu":
         state["log_threshold"] = plain.threshold_S.clamp_min(0).log()  # theta <= 0 acts as ReLU: log 0 = -inf
     elif base.arch == "batchtopk":
         state["threshold"] = plain.threshold_S.max().clamp_min(0)
-    sae.load_state_dict({k: v.contiguous().float() for k, v in state.items()})
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        sae = SAE(base)
+    sae.load_state_dict({k: v.float().contiguous() for k, v in state.items()}, assign=True)
     return sae.eval()
 
 
@@ -121,7 +123,7 @@ def check_plain(plain: PlainSAE, where: str) -> None:
         if t is None or tuple(t.shape) != shape:
             got = None if t is None else tuple(t.shape)
             raise PatchSAEError(f"{where}: {name} has shape {got}, expected {shape} for d_model={D}, d_sae={S}")
-        if not torch.isfinite(t).all() and name != "threshold":
+        if name != "threshold" and t.numel() and not all(map(math.isfinite, torch.aminmax(t))):
             raise PatchSAEError(f"{where}: {name} holds NaN or infinite values")
     if plain.arch == "topk" and not (plain.k and 0 < plain.k <= S):
         raise PatchSAEError(f"{where}: TopK k={plain.k} must be in 1..d_sae={S}")
@@ -167,21 +169,20 @@ def read_sidecar(folder: Path) -> dict:
     return read_json_file(path, "patchsae sidecar") if path.is_file() else {}
 
 
-def apply_sidecar(foreign: ForeignSAE, plain: PlainSAE, side: dict) -> ForeignSAE:
-    """Rebuild the SAE with the recorded scale and config, and take model/layer/tokens/dataset from the
-    sidecar where the format itself said nothing."""
-    if not side:
-        return foreign
-    cfg = None
+def finish(plain: PlainSAE, fmt: str, source: str, where: str, side: dict | None = None, cfg: SAEConfig | None = None,
+           **known) -> ForeignSAE:
+    """Build our SAE once: with the sidecar's recorded scale and config when there is one, and the sidecar's
+    model/layer/tokens/dataset where the format itself said nothing (`known`)."""
+    side = side or {}
     if isinstance(side.get("sae"), dict):
         try:
             cfg = SAEConfig(**side["sae"])
         except (TypeError, PatchSAEError):
-            cfg = None
-    sae = sae_from_plain(plain, foreign.source, side.get("input_scale"), cfg)
-    pick = {k: side.get(k) if getattr(foreign, k) is None else getattr(foreign, k)
-            for k in ("model", "layer", "tokens", "dataset")}
-    return replace(foreign, sae=sae, **pick, info={**foreign.info, **(side.get("info") or {})})
+            pass
+    sae = sae_from_plain(plain, where, side.get("input_scale"), cfg)
+    fields_ = {k: known.get(k) if known.get(k) is not None else side.get(k)
+               for k in ("model", "layer", "tokens", "dataset")}
+    return ForeignSAE(sae, fmt, source, **fields_, info={**known.get("info", {}), **(side.get("info") or {})})
 
 
 def sidecar_for(sae: SAE, model: str | None, layer: int | None, tokens: str | None, dataset: str | None,

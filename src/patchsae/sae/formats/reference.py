@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from patchsae import PatchSAEError
-from patchsae.sae.formats.common import ForeignSAE, PlainSAE, sae_from_plain
+from patchsae.sae.formats.common import ForeignSAE, PlainSAE, finish
 from patchsae.sae.model import SAEConfig
 
 _DTYPES = {f"torch.{n}": getattr(torch, n) for n in (
@@ -145,13 +145,13 @@ def read_reference(path: Path, source: str | None = None) -> ForeignSAE:
     l1 = cfg.get("l1_coefficient")
     ours = (SAEConfig(W_enc.shape[0], W_enc.shape[1], "relu", l1_coeff=float(l1))
             if isinstance(l1, (int, float)) and l1 > 0 and W_enc.dim() == 2 else None)
-    sae = sae_from_plain(plain, where, cfg=ours)
     model = cfg.get("model_name") if isinstance(cfg.get("model_name"), str) else None
     tokens = {True: "cls", False: "all", None: "all"}.get(cfg.get("class_token"), None)
-    return ForeignSAE(sae, "reference", source or where, model=model, layer=_int(cfg.get("block_layer")),
-                      tokens=tokens, dataset=cfg.get("dataset_path") if isinstance(cfg.get("dataset_path"), str)
-                      else None, info={"reference_cfg": {k: v for k, v in cfg.items()
-                                                         if isinstance(v, (str, int, float, bool, type(None)))}})
+    dataset = cfg.get("dataset_path") if isinstance(cfg.get("dataset_path"), str) else None
+    plain_cfg = {k: v for k, v in cfg.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    return finish(plain, "reference", source or where, where, cfg=ours, model=model,
+                  layer=_int(cfg.get("block_layer")), tokens=tokens, dataset=dataset,
+                  info={"reference_cfg": plain_cfg})
 
 
 def _fields(cfg) -> dict:

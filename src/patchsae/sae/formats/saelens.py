@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from patchsae import PatchSAEError
-from patchsae.sae.formats.common import (SIDECAR, ForeignSAE, PlainSAE, apply_sidecar, fold_b_dec_into_b_enc,
-                                         need, read_json_file, read_safetensors, read_sidecar, sae_from_plain)
+from patchsae.sae.formats.common import (SIDECAR, ForeignSAE, PlainSAE, finish, fold_b_dec_into_b_enc, need,
+                                         read_json_file, read_safetensors, read_sidecar)
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 FORMAT_VERSION = "6.54.12"  # the SAELens release whose loader the tests run against our files
@@ -86,10 +86,9 @@ def read_saelens(folder: Path, source: str | None = None) -> ForeignSAE:
     if arch == "jumprelu" and plain.threshold_S is None:
         raise PatchSAEError(f"{where}: a jumprelu SAE without a threshold tensor")
     meta = cfg.get("metadata") or {}
-    foreign = ForeignSAE(sae_from_plain(plain, where), "saelens", source or where, model=meta.get("model_name"),
-                         layer=layer_of(meta.get("hook_name")), dataset=meta.get("dataset_path"),
-                         info={"hook_name": meta.get("hook_name"), "architecture": arch})
-    return apply_sidecar(foreign, plain, read_sidecar(folder))
+    return finish(plain, "saelens", source or where, where, read_sidecar(folder), model=meta.get("model_name"),
+                  layer=layer_of(meta.get("hook_name")), dataset=meta.get("dataset_path"),
+                  info={"hook_name": meta.get("hook_name"), "architecture": arch})
 
 
 def _modern_cfg(cfg: dict) -> dict:

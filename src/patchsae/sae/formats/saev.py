@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from patchsae import PatchSAEError
-from patchsae.sae.formats.common import ForeignSAE, PlainSAE, fold_b_dec_into_b_enc, need, sae_from_plain
+from patchsae.sae.formats.common import ForeignSAE, PlainSAE, finish, fold_b_dec_into_b_enc, need
 
 MAX_HEADER = 1 << 20  # a header line longer than this is not a saev file
 
@@ -54,9 +54,8 @@ def read_saev(path: Path, source: str | None = None) -> ForeignSAE:
         plain = PlainSAE("relu", W_enc, b_enc, W_dec, b_dec)
     else:
         raise PatchSAEError(f"{where}: saev activation {act!r} is not supported (Relu, TopK, BatchTopK)")
-    return ForeignSAE(sae_from_plain(plain, where), "saev", source or where,
-                      info={"saev_schema": header.get("schema"), "saev_commit": header.get("commit"),
-                            "activation": act})
+    return finish(plain, "saev", source or where, where,
+                  info={"saev_schema": header.get("schema"), "saev_commit": header.get("commit"), "activation": act})
 
 
 def _read(path: Path) -> tuple[dict, dict]:

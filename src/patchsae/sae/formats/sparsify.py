@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 
 from patchsae import PatchSAEError
-from patchsae.sae.formats.common import (ForeignSAE, PlainSAE, apply_sidecar, need, read_json_file,
-                                         read_safetensors, read_sidecar, sae_from_plain)
+from patchsae.sae.formats.common import (ForeignSAE, PlainSAE, finish, need, read_json_file, read_safetensors,
+                                         read_sidecar)
 from patchsae.sae.formats.saelens import layer_of
 
 CFG, WEIGHTS = "cfg.json", "sae.safetensors"
@@ -60,6 +60,5 @@ def read_sparsify(folder: Path, source: str | None = None) -> ForeignSAE:
     if not isinstance(k, int):
         raise PatchSAEError(f"{where}: k={k!r} is not an integer")
     plain = PlainSAE("topk", W_SD.t().contiguous(), b_S, W_dec, b_dec, k=k)
-    foreign = ForeignSAE(sae_from_plain(plain, where), "sparsify", source or where,
-                         layer=layer_of(folder.name), info={"hookpoint": folder.name})
-    return apply_sidecar(foreign, plain, read_sidecar(folder))
+    return finish(plain, "sparsify", source or where, where, read_sidecar(folder), layer=layer_of(folder.name),
+                  info={"hookpoint": folder.name})
