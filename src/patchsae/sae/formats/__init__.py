@@ -92,7 +92,7 @@ def _read_ours(folder: Path, source: str) -> ForeignSAE:
 
     sae, meta = load_sae(folder)
     return ForeignSAE(sae.eval(), "patchsae", source, model=meta.get("model"), layer=meta.get("layer"),
-                      tokens=meta.get("tokens"), dataset=meta.get("dataset"), info={})
+                      tokens=meta.get("tokens"), dataset=meta.get("dataset"), info={}, ours=True)
 
 
 def check_fits(foreign: ForeignSAE, d_model: int, n_layers: int, layer: int | None) -> int:

@@ -57,6 +57,7 @@ class ForeignSAE:
     tokens: str | None = None  # all, cls or patch
     dataset: str | None = None
     info: dict = field(default_factory=dict)  # anything else worth keeping as provenance
+    ours: bool = False  # written by patchsae (own folder or sidecar): model and dataset are specs we open
 
 
 def plain_from_sae(sae: SAE) -> PlainSAE:
@@ -182,7 +183,8 @@ def finish(plain: PlainSAE, fmt: str, source: str, where: str, side: dict | None
     sae = sae_from_plain(plain, where, side.get("input_scale"), cfg)
     fields_ = {k: known.get(k) if known.get(k) is not None else side.get(k)
                for k in ("model", "layer", "tokens", "dataset")}
-    return ForeignSAE(sae, fmt, source, **fields_, info={**known.get("info", {}), **(side.get("info") or {})})
+    return ForeignSAE(sae, fmt, source, **fields_, info={**known.get("info", {}), **(side.get("info") or {})},
+                      ours=bool(side))
 
 
 def sidecar_for(sae: SAE, model: str | None, layer: int | None, tokens: str | None, dataset: str | None,

@@ -72,7 +72,8 @@ def write_hub(folder: Path, sae, *, model: str | None, layer: int | None, tokens
     """Fill an existing (temporary) folder with everything a hub model repo of this SAE needs."""
     from patchsae.sae.formats import write_sae
 
-    write_sae(sae, folder, "saelens", model=model, layer=layer, tokens=tokens, dataset=dataset)
+    write_sae(sae, folder, "saelens", model=model, layer=layer, tokens=tokens, dataset=dataset,
+              info={"run_config": run_config} if run_config else None)
     (folder / "run_config.json").write_text(json.dumps(run_config or {}, indent=2) + "\n")
     if metrics:
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
