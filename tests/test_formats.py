@@ -400,6 +400,10 @@ def test_hub_source_from_cache_offline_and_unreachable_hub(tmp_path, monkeypatch
     assert rel(got.sae.encode(acts()), sae.encode(acts())) <= 1e-5
     with pytest.raises(PatchSAEError, match="hf:OWNER/REPO"):
         read_sae("hf:just-a-name")
+    export(sae, repo / "snapshots" / commit, "saelens", name="block11", layer=11)
+    with pytest.raises(PatchSAEError, match=r"hf:someone/clip-sae holds 2 SAEs \(block10, block11\); pass "
+                                            r"hf:someone/clip-sae/NAME"):
+        read_sae("hf:someone/clip-sae")
 
 
 def test_hub_folder_opens_in_saelens_and_here_and_has_a_model_card(tmp_path):

@@ -26,9 +26,10 @@ EXPORT_FORMATS = ("saelens", "sparsify")
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def detect_format(path: Path) -> tuple[str, Path]:
+def detect_format(path: Path, spec: str | None = None) -> tuple[str, Path]:
     """(format, the file or folder holding it). A folder with exactly one SAE sub-folder (a sparsify repo
-    with one hookpoint, a run directory's sae/) resolves to it."""
+    with one hookpoint, a run directory's sae/) resolves to it. `spec` (an hf: source) names the folder in
+    errors instead of its cache path."""
     if path.is_file():
         with open(path, "rb") as f:
             head = f.read(4)
@@ -47,8 +48,10 @@ def detect_format(path: Path) -> tuple[str, Path]:
     if len(subs) == 1:
         return subs[0][0], subs[0][1]
     if subs:
-        raise PatchSAEError(f"{path} holds {len(subs)} SAEs ({', '.join(p.name for _, p in subs)}); pass one of them")
-    raise PatchSAEError(f"{path}: no SAE found (expected SAELens cfg.json + sae_weights.safetensors, sparsify "
+        names = ", ".join(p.name for _, p in subs)
+        raise PatchSAEError(f"{spec or path} holds {len(subs)} SAEs ({names}); pass "
+                            + (f"{spec.rstrip('/')}/NAME with one of them" if spec else "one of them"))
+    raise PatchSAEError(f"{spec or path}: no SAE found (expected SAELens cfg.json + sae_weights.safetensors, sparsify "
                         "cfg.json + sae.safetensors, or patchsae config.json + model.safetensors)")
 
 
@@ -68,7 +71,7 @@ def read_sae(src: str | Path, fmt: str | None = None) -> ForeignSAE:
     path = resolve_hub(spec) if spec.startswith("hf:") else Path(spec).expanduser()
     if fmt is not None and fmt not in FORMATS:
         raise PatchSAEError(f"unknown SAE format {fmt!r} (choose {', '.join(FORMATS)})")
-    found, where = detect_format(path) if fmt is None else (fmt, path)
+    found, where = detect_format(path, spec if spec.startswith("hf:") else None) if fmt is None else (fmt, path)
     if fmt is not None and path.is_dir() and fmt in ("saelens", "sparsify", "patchsae"):
         found, where = _sub_of_format(path, fmt)
     readers = {"saelens": read_saelens, "sparsify": read_sparsify, "saev": read_saev,
