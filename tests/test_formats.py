@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import math
 import pickle
-import sys
-import types
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import reference_config_class
 
 from patchsae import PatchSAEError
 from patchsae.sae.formats import detect_format, read_sae, write_sae
@@ -221,25 +219,7 @@ def test_saev_batchtopk_threshold(tmp_path):
 # ---- the reference checkpoint ----------------------------------------------------------------------------------
 @pytest.fixture
 def reference_module(monkeypatch):
-    """The reference's config class under its real import path, so torch.save pickles it as the reference did."""
-    mod = types.ModuleType("src.sae_training.config")
-
-    @dataclass
-    class ViTSAERunnerConfig:
-        model_name: str = "openai/clip-vit-base-patch16"
-        block_layer: int = -2
-        class_token: bool = False
-        d_in: int = D
-        expansion_factor: int = S // D
-        l1_coefficient: float = 8e-5
-        dtype: torch.dtype = torch.float32
-        device: torch.device = torch.device("cpu")
-
-    ViTSAERunnerConfig.__module__, ViTSAERunnerConfig.__qualname__ = mod.__name__, "ViTSAERunnerConfig"
-    mod.ViTSAERunnerConfig = ViTSAERunnerConfig
-    for name in ("src", "src.sae_training", "src.sae_training.config"):
-        monkeypatch.setitem(sys.modules, name, mod if name.endswith("config") else types.ModuleType(name))
-    return ViTSAERunnerConfig
+    return reference_config_class(monkeypatch, D)
 
 
 def _reference_state(d_in=D):

@@ -52,6 +52,7 @@ def csv_text(header: list, rows) -> str:
     w.writerows(rows)
     return buf.getvalue()
 
+
 @contextmanager
 def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside `path`; it becomes `path` only if the block succeeds.

@@ -101,6 +101,14 @@ def decode_upload(data: bytes) -> Image.Image:
         raise NotAnImage(f"the uploaded file is not an image PIL can read ({type(exc).__name__})") from None
 
 
+def _sae_origin(run: Run) -> dict | None:
+    """{format, source} of an SAE that `patchsae import` brought into the run; None for one trained here."""
+    from patchsae.utils import read_json
+
+    imported = read_json(run.sae_dir / "config.json").get("imported")
+    return {"format": imported.get("format"), "source": imported.get("source")} if imported else None
+
+
 class Explorer:
     """One run opened for exploring. All model work runs under one lock: steering installs a hook on the shared
     model, and no other forward pass may run while it is in place."""
@@ -134,6 +142,7 @@ class Explorer:
         vocab = self.manifest["naming"]["vocabulary"]
         self.names = [[(vocab[int(i)], float(s)) for i, s in zip(idx, sc) if i >= 0]
                       for idx, sc in zip(self.stats["name_index_SN"].tolist(), self.stats["name_score_SN"].tolist())]
+        self.sae_origin = _sae_origin(run)
         self.order = interpretable_order(self.stats)
         self._rank = {l: r for r, l in enumerate(self.order)}
         self._images: OrderedDict[str, ImageEntry] = OrderedDict()
@@ -161,7 +170,7 @@ class Explorer:
                 "dataset": {"name": m["dataset"], "split": m["split"], "analysed_images": m["n_images"],
                             "size": len(self.ds) if self.ds is not None else 0, "error": self.ds_error},
                 "low_entropy_threshold": LOW_ENTROPY, "n_low_entropy": m.get("n_low_entropy"),
-                "alive_latents": len(self.order), "tau": m["tau"]}
+                "alive_latents": len(self.order), "tau": m["tau"], "sae_origin": self.sae_origin}
 
     def check_latent(self, latent: int) -> int:
         if not 0 <= latent < self.d_sae:
