@@ -11,11 +11,12 @@ from patchsae import PatchSAEError
 from patchsae.runs import Run, RunConfig
 from patchsae.stages import cache, evaluate, train
 from patchsae.stages.setup import ConfigOptions, dry_run, model_for
+from patchsae.stages.train import LogOptions
 
 NAME = "quickstart"
 HELP = "cache, train and evaluate in one go (defaults: embedded model on Fashion-MNIST); writes summary.json"
 RUN_HELP = "run directory (created if missing)"
-OPTIONS = (RunConfig, ConfigOptions)
+OPTIONS = (RunConfig, ConfigOptions, LogOptions)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def format_summary(summary: Summary) -> str:
     return "\n".join(["PatchSAE summary", *rows])
 
 
-def run(run_: Run, cfg: RunConfig, overrides: dict, progress: bool = True) -> Summary:
+def run(run_: Run, cfg: RunConfig, overrides: dict, progress: bool = True, log: str = "none") -> Summary:
     t0 = time.time()
     run_.init(cfg, overrides)
     cfg = run_.load_config()
@@ -78,7 +79,7 @@ def run(run_: Run, cfg: RunConfig, overrides: dict, progress: bool = True) -> Su
           f"{cfg.dataset}/{cfg.train_split}", file=sys.stderr)
     cache.run(run_, model, progress)
     print("[2/3] training the SAE", file=sys.stderr)
-    train.run(run_, progress)
+    train.run(run_, progress, log=log)
     print(f"[3/3] evaluating on {cfg.dataset}/{cfg.eval_split}", file=sys.stderr)
     metrics = evaluate.run(run_, model, progress)
     summary = write_summary(run_, metrics, time.time() - t0, model)
@@ -95,6 +96,7 @@ def cli(args) -> None:
         print(dry_run(args))
         return
     ov = overrides(args)
-    summary = run(Run(args.run), start_config(ov.get("model"), args_preset(args)), ov)
+    summary = run(Run(args.run), start_config(ov.get("model"), args_preset(args)), ov,
+                  log=getattr(args, "log", "none"))
     print(format_summary(summary))
     print(f"wrote {args.run}/summary.json")
