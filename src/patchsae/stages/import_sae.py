@@ -69,7 +69,8 @@ def run(run_: Run, source: str, fmt: str | None = None, overrides: dict | None =
     save_sae(run_.sae_dir, sae, {"model": cfg.model, "layer": layer, "tokens": cfg.tokens, "tokens_trained": None,
                                  "imported": {"format": foreign.format, "source": foreign.source,
                                               "model": foreign.model, "layer": foreign.layer,
-                                              "dataset": foreign.dataset, **foreign.info}})
+                                              "dataset": foreign.dataset,
+                                              **{k: v for k, v in foreign.info.items() if k != "run_config"}}})
     c = sae.cfg
     return ImportReport(run_.path, foreign.format, foreign.source, cfg.model, layer, cfg.tokens, c.arch, c.d_model,
                         c.d_sae)
