@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import types
 from collections import OrderedDict
 from pathlib import Path
 
@@ -34,12 +35,30 @@ D_SAE = int(os.environ.get("BENCH_D_SAE", 49_152))
 REPS = int(os.environ.get("BENCH_REPS", "2"))
 
 
-def _reference_file(path: Path, sae: SAE) -> None:
-    """The reference's layout: a pickled config object beside a plain state dict (a dict stands in for its
-    dataclass: torch.load without weights_only then needs no foreign package)."""
+def _reference_file(path: Path, sae: SAE) -> OrderedDict:
+    """The released checkpoint's layout: its config class pickled under src.sae_training.config (registered here
+    so torch.load without weights_only can rebuild it too) beside the state dict; returns the state dict."""
+    from dataclasses import dataclass
+
+    mod = types.ModuleType("src.sae_training.config")
+
+    @dataclass
+    class ViTSAERunnerConfig:
+        model_name: str = "openai/clip-vit-base-patch16"
+        block_layer: int = -2
+        class_token: bool = False
+        d_in: int = D_MODEL
+        expansion_factor: int = D_SAE // D_MODEL
+        l1_coefficient: float = 8e-5
+        dtype: torch.dtype = torch.float32
+
+    ViTSAERunnerConfig.__module__, ViTSAERunnerConfig.__qualname__ = mod.__name__, "ViTSAERunnerConfig"
+    mod.ViTSAERunnerConfig = ViTSAERunnerConfig
+    sys.modules.update({"src": types.ModuleType("src"), "src.sae_training": types.ModuleType("src.sae_training"),
+                        mod.__name__: mod})
     state = OrderedDict((k, getattr(sae, k).detach().clone()) for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
-    torch.save({"cfg": {"d_in": D_MODEL, "expansion_factor": D_SAE // D_MODEL, "block_layer": -2,
-                        "model_name": "openai/clip-vit-base-patch16"}, "state_dict": state}, path)
+    torch.save({"cfg": ViTSAERunnerConfig(), "state_dict": state}, path)
+    return state
 
 
 def main() -> None:
@@ -52,7 +71,13 @@ def main() -> None:
     print(f"formats at {D_MODEL} -> {D_SAE}, best of {REPS}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        _reference_file(tmp / "out.pt", sae)
+        state = _reference_file(tmp / "out.pt", sae)
+        got = read_sae(tmp / "out.pt")
+        x_ND = torch.randn(64, D_MODEL)
+        f_want = torch.relu((x_ND - state["b_dec"]) @ state["W_enc"] + state["b_enc"])
+        err = ((got.sae.encode(x_ND) - f_want).norm() / f_want.norm()).item()
+        print(f"  reference checkpoint read back: model {got.model}, block {got.layer}, tokens {got.tokens}, "
+              f"codes vs the reference formula: relative error {err:.1e}")
         t = interleaved_best({"ours": lambda: read_sae(tmp / "out.pt"),
                               "torch.load": lambda: torch.load(tmp / "out.pt", weights_only=False)}, REPS)
         print(f"  1. reference import, restricted unpickler / torch.load      {t['ours'] / t['torch.load']:.2f}x"
