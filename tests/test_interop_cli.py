@@ -163,6 +163,16 @@ def test_config_file_json_and_toml(tiny_run, tiny_clip_dir, tmp_path, capsys):
     resolved = json.loads(capsys.readouterr().out.split("resolved configuration:\n", 1)[1].split("\nbudget:")[0])
     assert (resolved["model"], resolved["max_train_images"], resolved["arch"], resolved["k"], resolved["lr"]) == \
         ("openai/clip-vit-base-patch16", 40, "topk", 4, 0.002)
+    # names follow --help: the run's TopK k never becomes analyze's --top-k
+    args = cli.build_parser().parse_args(["analyze", "--run", str(tiny_run), "--config", str(tiny_run / "config.json")])
+    assert not hasattr(cli.apply_config_file(args), "k")
+    toml.write_text("top_k = 3\ngroup = [\"t-shirt\", \"shirt\"]\n")
+    args = cli.apply_config_file(cli.build_parser().parse_args(["analyze", "--run", "x", "--config", str(toml)]))
+    assert (args.k, args.groups) == (3, ("t-shirt", "shirt"))
+    for text, masking in (("masking = false", False), ("no_masking = true", False), ("no-masking = false", True)):
+        toml.write_text(text + "\n")
+        args = cli.build_parser().parse_args(["compare", "--run", "x", "--adapted", "p", "--config", str(toml)])
+        assert cli.apply_config_file(args).masking is masking, text
     for text, msg in (('lerning_rate = 0.1', "unknown option 'lerning_rate'"),
                       ('max_train_images = "many"', "option 'max_train_images'"),
                       ('log = "mlflow"', "is not one of")):

@@ -92,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _names(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Config-file names of a parser's options: each long flag without its dashes (`--top-k` -> top_k), and for
+    a flag that turns a field off (`--no-x`) also the field's name (x = false), as its dest holds the field."""
+    names = {}
+    for a in parser._actions:
+        if a.dest in ("help", "config"):
+            continue
+        for flag in a.option_strings:
+            if flag.startswith("--"):
+                names[flag[2:].replace("-", "_")] = a
+        if isinstance(a, argparse._StoreFalseAction):
+            names[a.dest] = a
+    return names
+
+
 def _known() -> tuple[set[str], set[str]]:
     """(every option name of every stage, every stage name): a config file may hold other stages' options, e.g.
     a run's config.json given to evaluate, and tables for other stages."""
@@ -99,15 +114,18 @@ def _known() -> tuple[set[str], set[str]]:
     for name in STAGES:
         stage = importlib.import_module(f"patchsae.stages.{name}")
         stages |= {stage.NAME, stage.NAME.replace("-", "_")}
+        p = argparse.ArgumentParser(add_help=False)
         for entry in stage.OPTIONS:
-            cls = entry[0] if isinstance(entry, tuple) else entry
-            names |= {f.name for f in fields(cls) if f.metadata and f.metadata["cli"]}
+            cls, only = entry if isinstance(entry, tuple) else (entry, None)
+            add_fields(p, cls, only)
+        names |= set(_names(p))
     return names, stages
 
 
 def apply_config_file(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the options the command line did not give from `--config FILE`: its top-level keys, then those of a
-    table named after the stage; values are checked by the same types and choices as the command line."""
+    table named after the stage. Keys are option names as `--help` spells them (so analyze's `--top-k` is top_k,
+    never the run's TopK `k`); values are checked by the same types and choices as the command line."""
     from patchsae.utils import read_config_file
 
     path = getattr(args, "config", None)
@@ -119,17 +137,21 @@ def apply_config_file(args: argparse.Namespace) -> argparse.Namespace:
     for key in stage_keys:
         if isinstance(data.get(key), dict):
             flat.update(data[key])
-    actions = {a.dest: a for a in args.parser._actions if a.dest not in ("help", "config")}
+    actions = _names(args.parser)
     known, stages = _known()
     for key, value in flat.items():
-        dest = key.replace("-", "_")
-        if isinstance(value, dict) and dest in stages:
+        name = key.replace("-", "_")
+        if isinstance(value, dict) and name in stages:
             continue  # another stage's table
-        if dest not in known | {"run"}:
+        if name not in known | {"run"}:
             raise PatchSAEError(f"{path}: unknown option {key!r}")
-        if dest not in actions or dest in vars(args):
+        action = actions.get(name)
+        if action is None or action.dest in vars(args):
             continue  # another stage's option, or given on the command line (which wins)
-        setattr(args, dest, _checked(actions[dest], value, key, path))
+        value = _checked(action, value, key, path)
+        if isinstance(action, argparse._StoreFalseAction) and name != action.dest:
+            value = not value  # no_x = true means x = false
+        setattr(args, action.dest, value)
     return args
 
 
