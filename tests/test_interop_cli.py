@@ -122,6 +122,14 @@ def test_reference_checkpoint_becomes_a_run(tiny_clip_dir, tmp_path, monkeypatch
     assert (cfg["model"], cfg["layer"], cfg["tokens"], cfg["arch"]) == (str(tiny_clip_dir), -2, "all", "relu")
     assert cli.main(["evaluate", "--run", str(run)]) == 0
     assert _metrics(run)["eval_images"] == 30
+    # and on to SAELens: the paper's SAE as a SAELens folder, same codes as the reference's own encoder
+    from sae_lens import SAE as LensSAE
+
+    assert cli.main(["export", "--run", str(run), "--format", "saelens", "--out", str(tmp_path / "lens")]) == 0
+    x = torch.randn(50, 32)
+    want = torch.relu((x - state["b_dec"]) @ state["W_enc"] + state["b_enc"])
+    got = LensSAE.load_from_disk(str(tmp_path / "lens")).encode(x).detach()
+    assert ((got - want).norm() / want.norm()).item() <= 1e-6
     capsys.readouterr()
     assert cli.main(["train", "--run", str(run)]) == 2
     assert "imported SAE" in _error(capsys)
