@@ -69,7 +69,11 @@ def run(run: Run, progress: bool = True, on_the_fly: bool = False, dist: Dist = 
                         l1_coeff=cfg.l1_coeff, l0_coeff=cfg.l0_coeff)
     train_cfg = TrainConfig(total_tokens=int(cfg.epochs * source.n_tokens), batch_tokens=cfg.batch_tokens,
                             lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed, device=cfg.device)
-    tracker = open_run_tracker(run, log, cfg.to_json()) if dist.is_main else None
+    # every rank gets a tracker when one is asked for (the others a silent one), so all take part in reducing
+    # the logged loss parts; only rank 0's writes
+    from patchsae.sae.tracking import NoTracker
+
+    tracker = open_run_tracker(run, log, cfg.to_json()) if dist.is_main else (NoTracker() if log != "none" else None)
     try:
         sae = train_sae(sae_cfg, train_cfg, source, run.sae_dir, progress=progress,
                         provenance={"model": cfg.model, "layer": layer, "tokens": cfg.tokens}, dist=dist,
