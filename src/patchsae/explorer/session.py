@@ -28,7 +28,7 @@ from patchsae.analysis import patch_maps
 from patchsae.analysis.latents import LOW_ENTROPY
 from patchsae.models.clip import ClipModel
 from patchsae.runs import Run
-from patchsae.runs.artefacts import open_run, open_run_dataset, require_analysis
+from patchsae.runs.artefacts import open_run, open_run_dataset, require_analysis, sae_origin
 
 STATIC_DIR = Path(__file__).parent / "static"  # the page's HTML/JS/CSS, shipped as package data
 DISPLAY = 224  # pixels per side of the images and heatmaps the explorer draws
@@ -101,14 +101,6 @@ def decode_upload(data: bytes) -> Image.Image:
         raise NotAnImage(f"the uploaded file is not an image PIL can read ({type(exc).__name__})") from None
 
 
-def _sae_origin(run: Run) -> dict | None:
-    """{format, source} of an SAE that `patchsae import` brought into the run; None for one trained here."""
-    from patchsae.utils import read_json
-
-    imported = read_json(run.sae_dir / "config.json").get("imported")
-    return {"format": imported.get("format"), "source": imported.get("source")} if imported else None
-
-
 class Explorer:
     """One run opened for exploring. All model work runs under one lock: steering installs a hook on the shared
     model, and no other forward pass may run while it is in place."""
@@ -142,7 +134,7 @@ class Explorer:
         vocab = self.manifest["naming"]["vocabulary"]
         self.names = [[(vocab[int(i)], float(s)) for i, s in zip(idx, sc) if i >= 0]
                       for idx, sc in zip(self.stats["name_index_SN"].tolist(), self.stats["name_score_SN"].tolist())]
-        self.sae_origin = _sae_origin(run)
+        self.sae_origin = sae_origin(run)
         self.order = interpretable_order(self.stats)
         self._rank = {l: r for r, l in enumerate(self.order)}
         self._images: OrderedDict[str, ImageEntry] = OrderedDict()

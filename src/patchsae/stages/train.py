@@ -103,11 +103,9 @@ def open_run_tracker(run: Run, kind: str | None = None, config: dict | None = No
 
 def _refuse_retraining_an_import(run: Run) -> None:
     """An imported SAE has no training checkpoint: training would silently replace it."""
-    from patchsae.utils import read_json
+    from patchsae.runs.artefacts import sae_origin
 
-    cfg_file = run.sae_dir / "config.json"
-    if cfg_file.exists() and not (run.sae_dir / "checkpoint.safetensors").exists() and \
-            "imported" in read_json(cfg_file):
+    if sae_origin(run) is not None and not (run.sae_dir / "checkpoint.safetensors").exists():
         raise PatchSAEError(f"{run.path} holds an imported SAE; train in a new run directory")
 
 
