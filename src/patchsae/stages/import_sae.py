@@ -14,13 +14,14 @@ from pathlib import Path
 from patchsae import PatchSAEError
 from patchsae.options import opt
 from patchsae.runs import Run, RunConfig, start_config
+from patchsae.stages.setup import model_for
 
 NAME = "import"
 HELP = ("make a run from an SAE trained elsewhere: a SAELens or sparsify folder, a saev .pt, the reference "
         "PatchSAE checkpoint, a patchsae SAE folder or run, or hf:OWNER/REPO[/SUBFOLDER]")
 RUN_HELP = "new run directory for the imported SAE"
 # the run settings an import may set; the SAE's own settings come from the SAE
-RUN_FIELDS = ("model", "layer", "tokens", "dataset", "dataset_path", "train_split", "eval_split",
+RUN_FIELDS = ("model", "act", "layer", "tokens", "dataset", "dataset_path", "train_split", "eval_split",
               "max_eval_images", "device", "batch_images")
 
 
@@ -49,7 +50,6 @@ class ImportReport:
 
 
 def run(run_: Run, source: str, fmt: str | None = None, overrides: dict | None = None) -> ImportReport:
-    from patchsae.models.load import load_model
     from patchsae.sae.checkpoint import save_sae
     from patchsae.sae.formats import check_fits, read_sae
 
@@ -61,7 +61,7 @@ def run(run_: Run, source: str, fmt: str | None = None, overrides: dict | None =
     if not model_name:
         raise PatchSAEError(f"{source} does not name the model it was trained on; pass --model")
     cfg = _config(foreign, model_name, overrides)
-    model = load_model(cfg.model, cfg.device)
+    model = model_for(cfg)
     layer = check_fits(foreign, model.d_model, model.n_layers, overrides.get("layer"))
     cfg = replace(cfg, layer=overrides.get("layer", foreign.layer if foreign.layer is not None else layer))
     run_.init(cfg, {})
