@@ -38,3 +38,34 @@ def _data(n=1024, d=16, seed=0):
     basis = torch.randn(40, d, generator=g)
     x = torch.relu(torch.randn(n, 40, generator=g) - 1.2) @ basis + 2.0
     return x + 0.05 * torch.randn(n, d, generator=g)
+
+
+def reference_config_class(monkeypatch, d_in: int):
+    """The reference implementation's config dataclass under its real import path (src.sae_training.config),
+    so `torch.save` pickles it exactly as the reference's released checkpoint does."""
+    import sys
+    import types
+    from dataclasses import dataclass
+
+    mod = types.ModuleType("src.sae_training.config")
+
+    @dataclass
+    class ViTSAERunnerConfig:
+        model_name: str = "openai/clip-vit-base-patch16"
+        block_layer: int = -2
+        class_token: bool = False
+        d_in: int = 768
+        expansion_factor: int = 64
+        l1_coefficient: float = 8e-5
+        dtype: torch.dtype = torch.float32
+        device: torch.device = torch.device("cpu")
+
+    ViTSAERunnerConfig.__module__, ViTSAERunnerConfig.__qualname__ = mod.__name__, "ViTSAERunnerConfig"
+    mod.ViTSAERunnerConfig = ViTSAERunnerConfig
+    for name in ("src", "src.sae_training", "src.sae_training.config"):
+        monkeypatch.setitem(sys.modules, name, mod if name.endswith("config") else types.ModuleType(name))
+
+    def make(**kw):
+        return ViTSAERunnerConfig(**{"d_in": d_in, **kw})
+
+    return make

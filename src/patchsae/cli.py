@@ -17,7 +17,9 @@ from patchsae import PatchSAEError
 
 # subcommands in the order `patchsae --help` lists them; module names under patchsae.stages
 STAGES = ("cache", "train", "evaluate", "quickstart", "models", "datasets", "analyze", "adapt",
-          "compare", "adapt_study", "classify", "serve", "report")
+          "compare", "adapt_study", "classify", "serve", "report", "import_sae", "export")
+CONFIG_HELP = ("JSON or TOML file (by its .toml suffix) of option names and values, e.g. a run's own "
+               "config.json; a table named after the stage applies to that stage only; the command line overrides it")
 
 
 def _unwrap(tp) -> tuple[object, bool]:
@@ -84,8 +86,98 @@ def build_parser() -> argparse.ArgumentParser:
         for entry in stage.OPTIONS:
             cls, only = entry if isinstance(entry, tuple) else (entry, None)
             add_fields(p, cls, only)
-        p.set_defaults(stage=stage)
+        if stage.OPTIONS:
+            p.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE", help=CONFIG_HELP)
+        p.set_defaults(stage=stage, parser=p)
     return ap
+
+
+def _names(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Config-file names of a parser's options: each long flag without its dashes (`--top-k` -> top_k), and for
+    a flag that turns a field off (`--no-x`) also the field's name (x = false), as its dest holds the field."""
+    names = {}
+    for a in parser._actions:
+        if a.dest in ("help", "config"):
+            continue
+        for flag in a.option_strings:
+            if flag.startswith("--"):
+                names[flag[2:].replace("-", "_")] = a
+        if isinstance(a, argparse._StoreFalseAction):
+            names[a.dest] = a
+    return names
+
+
+def _known() -> tuple[set[str], set[str]]:
+    """(every option name of every stage, every stage name): a config file may hold other stages' options, e.g.
+    a run's config.json given to evaluate, and tables for other stages."""
+    names, stages = set(), set()
+    for name in STAGES:
+        stage = importlib.import_module(f"patchsae.stages.{name}")
+        stages |= {stage.NAME, stage.NAME.replace("-", "_")}
+        p = argparse.ArgumentParser(add_help=False)
+        for entry in stage.OPTIONS:
+            cls, only = entry if isinstance(entry, tuple) else (entry, None)
+            add_fields(p, cls, only)
+        names |= set(_names(p))
+    return names, stages
+
+
+def apply_config_file(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options the command line did not give from `--config FILE`: its top-level keys, then those of a
+    table named after the stage. Keys are option names as `--help` spells them (so analyze's `--top-k` is top_k,
+    never the run's TopK `k`); values are checked by the same types and choices as the command line."""
+    from patchsae.utils import read_config_file
+
+    path = getattr(args, "config", None)
+    if path is None:
+        return args
+    data = read_config_file(path)
+    stage_keys = {args.stage.NAME, args.stage.NAME.replace("-", "_")}
+    flat = {k: v for k, v in data.items() if not isinstance(v, dict) or k not in stage_keys}
+    for key in stage_keys:
+        if isinstance(data.get(key), dict):
+            flat.update(data[key])
+    actions = _names(args.parser)
+    known, stages = _known()
+    for key, value in flat.items():
+        name = key.replace("-", "_")
+        if isinstance(value, dict) and name in stages:
+            continue  # another stage's table
+        if name not in known | {"run"}:
+            raise PatchSAEError(f"{path}: unknown option {key!r}")
+        action = actions.get(name)
+        if action is None or action.dest in vars(args):
+            continue  # another stage's option, or given on the command line (which wins)
+        value = _checked(action, value, key, path)
+        if isinstance(action, argparse._StoreFalseAction) and name != action.dest:
+            value = not value  # no_x = true means x = false
+        setattr(args, action.dest, value)
+    return args
+
+
+def _checked(action: argparse.Action, value, key: str, path) -> object:
+    """A config value as the command line would have produced it, or one line saying why not."""
+    if value is None:
+        return None
+    conv = action.type
+    try:
+        if action.nargs not in (None, 0):
+            value = tuple(conv(v) if conv else v for v in (value if isinstance(value, (list, tuple)) else [value]))
+        elif isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise ValueError("expected true or false")
+        elif conv is not None and not isinstance(value, conv):
+            if conv is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            elif isinstance(value, str) or (conv is str and not isinstance(value, (dict, list))):
+                value = conv(value)
+            else:
+                raise ValueError(f"expected {conv.__name__}, got {type(value).__name__}")
+    except (TypeError, ValueError) as exc:
+        raise PatchSAEError(f"{path}: option {key!r}: {value!r} is not valid ({exc})") from None
+    if action.choices and value not in action.choices:
+        raise PatchSAEError(f"{path}: option {key!r}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value  # a flag's dest holds its field's value, so booleans pass through as they are
 
 
 def main(argv=None) -> int:
@@ -94,7 +186,7 @@ def main(argv=None) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command not in ("cache", "train"):
             raise PatchSAEError(f"`{args.command}` runs in one process; under torchrun only `cache` and `train` "
                                 "are distributed")
-        args.stage.cli(args)
+        args.stage.cli(apply_config_file(args))
     except PatchSAEError as exc:
         print(f"patchsae: error: {exc}", file=sys.stderr)
         return 2

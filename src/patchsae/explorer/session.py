@@ -30,7 +30,7 @@ from patchsae.data.base import ImageTooLarge, open_image
 from patchsae.explorer.catalog import Catalog
 from patchsae.models.clip import ClipModel
 from patchsae.runs import Run
-from patchsae.runs.artefacts import open_run, open_run_dataset, require_analysis
+from patchsae.runs.artefacts import open_run, open_run_dataset, require_analysis, sae_origin
 
 STATIC_DIR = Path(__file__).parent / "static"  # the page's HTML/JS/CSS, shipped as package data
 DISPLAY = 224  # pixels per side of the images and heatmaps the explorer draws
@@ -120,6 +120,7 @@ class Explorer(Catalog):
         self.heads = {"base": base_head}
         if adapted is not None:
             self.heads["adapted"] = adapted.text_head(self.class_names)
+        self.sae_origin = sae_origin(run)
         self._images: OrderedDict[str, ImageEntry] = OrderedDict()
         self._max_images, self._max_bytes = max_images, max_bytes  # dense codes: 39 MB an image at ViT-B/16 x64
         self._code_bytes = {key: (m.layout().n_cls + m.layout().n_patches) * self.d_sae * self.sae.W_enc.element_size()
@@ -141,7 +142,7 @@ class Explorer(Catalog):
                 "alive_latents": int((self.stats["fired_S"] > 0).sum()), "tau": m["tau"],
                 "kinds": (m.get("kinds") or {}).get("counts") or self.kinds.counts(),
                 "kind_thresholds": (m.get("kinds") or {}).get("thresholds"),
-                "shown_by_default": list(kinds.SHOWN_BY_DEFAULT)}
+                "shown_by_default": list(kinds.SHOWN_BY_DEFAULT), "sae_origin": self.sae_origin}
 
     def check_model(self, key: str) -> ClipModel:
         if key not in self.models:

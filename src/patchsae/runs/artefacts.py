@@ -54,6 +54,13 @@ def open_run_dataset(cfg, dataset: str | None, split: str):
     return open_dataset(dataset or cfg.dataset, split, path=None if dataset else cfg.dataset_path)
 
 
+def sae_origin(run: Run) -> dict | None:
+    """{format, source} of an SAE that `patchsae import` brought into the run; None for one trained here."""
+    cfg_file = run.sae_dir / "config.json"
+    imported = read_json(cfg_file).get("imported") if cfg_file.exists() else None
+    return {"format": imported.get("format"), "source": imported.get("source")} if imported else None
+
+
 def sae_identity(run: Run) -> str | None:
     """sha256 of the SAE's weights file (None while there is none): what every derived artefact records."""
     if not run.sae_weights.exists():

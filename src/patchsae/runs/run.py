@@ -8,6 +8,7 @@ artefact in it, so no other code builds a run path by hand:
                               manifest.json                                         text_head.safetensors
   compare/<name>/             one adapted model vs CLIP            adapt-study/     the adaptation study
   figures/                    every figure                         report/          default static report
+  logs/                       tracker output of `train --log`, tracker.json
 """
 
 from __future__ import annotations
@@ -75,6 +76,16 @@ class Run:
     @property
     def report_dir(self) -> Path:
         return self.path / "report"
+
+    @property
+    def logs_dir(self) -> Path:
+        """Experiment-tracker output (tensorboard event files, offline wandb runs)."""
+        return self.path / "logs"
+
+    @property
+    def tracker_file(self) -> Path:
+        """Which tracker `train --log` used, so `evaluate` adds its metrics to the same logs."""
+        return self.logs_dir / "tracker.json"
 
     # ---- the config ----------------------------------------------------------------------------------------
     def has_results(self) -> bool:

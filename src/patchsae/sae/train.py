@@ -70,11 +70,13 @@ def _lr_factor(step: int, warmup: int) -> float:
 
 
 def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, source: TokenSource, out_dir: str | Path,
-              progress: bool = True, provenance: dict | None = None, dist: Dist = Dist()) -> SAE:
+              progress: bool = True, provenance: dict | None = None, dist: Dist = Dist(),
+              tracker=None) -> SAE:
     """Train (or resume) an SAE into `out_dir`; returns it. Writes model.safetensors, config.json,
     checkpoint.safetensors and train_log.csv there. `provenance` (e.g. model and layer the activations came
     from) is stored in config.json so later stages can refuse a mismatched model. Under torchrun every rank
-    calls it with its `dist`."""
+    calls it with its `dist`. `tracker` (sae.tracking) receives every log row's numbers: loss and its parts, L0,
+    dead fraction and learning rate; under torchrun every rank passes one (the others a NoTracker) or none does."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
@@ -124,6 +126,7 @@ def train_sae(sae_cfg: SAEConfig, cfg: TrainConfig, source: TokenSource, out_dir
                    "mse": stats.mean(parts["mse"]).item(), "l0": stats.mean(parts["l0"]).item(),
                    "dead_fraction": dead_S.float().mean().item()}
             log_rows.append(row)
+            _track(tracker, row, parts, stats, opt.param_groups[0]["lr"])
             bar.set_postfix(mse=f"{row['mse']:.4f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.2f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
             if dist.is_main:
@@ -148,6 +151,15 @@ def _batches(source: TokenSource, sae_cfg: SAEConfig, batch_tokens: int, step: i
     except TypeError:
         raise PatchSAEError(f"mse_cls_coefficient={sae_cfg.mse_cls_coefficient} needs to know which tokens are "
                             f"CLS, and this token source ({type(source).__name__}) does not say") from None
+
+
+def _track(tracker, row: dict, parts: dict, stats: BatchStats, lr: float) -> None:
+    """One log row to the tracker as train/* scalars, with the loss parts the architecture has (l1, ghost, aux).
+    Under torchrun every rank passes a tracker (rank 0 the real one) so that all take part in the reductions."""
+    if tracker is None:
+        return
+    extra = {f"train/{k}": stats.mean(parts[k]).item() for k in ("l1", "ghost", "aux") if k in parts}
+    tracker.log(row["step"], {**{f"train/{k}": v for k, v in row.items() if k != "step"}, **extra, "train/lr": lr})
 
 
 def train_step(sae: SAE, opt: torch.optim.Optimizer, x_ND: torch.Tensor, since_fired_S: torch.Tensor,

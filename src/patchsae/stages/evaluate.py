@@ -88,9 +88,25 @@ def run(run: Run, model=None, progress: bool = True, cl_batch_size: int = 128) -
                        cl_batch_size=0, cl_batches=0)
     report = EvalMetrics(**metrics, tokens_trained=meta.get("tokens_trained"))
     write_json(run.eval_metrics_file, report.to_json())
+    _track(run, report, meta)
     log_density_figure(freq_S, run.figures_dir / "log_density.png",
                        f"{cfg.model} block {model.resolve_layer(cfg.layer)}, {cfg.dataset}/{cfg.eval_split}")
     return report
+
+
+def _track(run: Run, report: EvalMetrics, sae_meta: dict) -> None:
+    """The metrics as eval/* scalars at the last training step, if `train --log` chose a tracker."""
+    from patchsae.stages.train import open_run_tracker
+
+    tracker = open_run_tracker(run)
+    if tracker is None:
+        return
+    batch = (sae_meta.get("train") or {}).get("batch_tokens") or 1
+    step = -(-(report.tokens_trained or 0) // batch)
+    tracker.log(step, {f"eval/{k}": v for k, v in report.to_json().items()
+                       if k not in ("n_tokens", "n_images", "eval_images", "eval_skipped", "tokens_trained",
+                                    "dense_threshold")})
+    tracker.close()
 
 
 def cli(args) -> None:

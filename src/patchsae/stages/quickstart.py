@@ -11,11 +11,12 @@ from patchsae import PatchSAEError
 from patchsae.runs import Run, RunConfig
 from patchsae.stages import cache, evaluate, train
 from patchsae.stages.setup import ConfigOptions, dry_run, model_for
+from patchsae.stages.train import LogOptions
 
 NAME = "quickstart"
 HELP = "cache, train and evaluate in one go (defaults: embedded model on Fashion-MNIST); writes summary.json"
 RUN_HELP = "run directory (created if missing)"
-OPTIONS = (RunConfig, evaluate.EvaluateOptions, ConfigOptions)
+OPTIONS = (RunConfig, evaluate.EvaluateOptions, ConfigOptions, LogOptions)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ def format_summary(summary: Summary) -> str:
     return "\n".join(["PatchSAE summary", *rows])
 
 
-def run(run_: Run, cfg: RunConfig, overrides: dict, progress: bool = True, cl_batch_size: int = 128) -> Summary:
+def run(run_: Run, cfg: RunConfig, overrides: dict, progress: bool = True, cl_batch_size: int = 128,
+        log: str = "none") -> Summary:
     t0 = time.time()
     run_.init(cfg, overrides)
     cfg = run_.load_config()
@@ -81,7 +83,7 @@ def run(run_: Run, cfg: RunConfig, overrides: dict, progress: bool = True, cl_ba
           f"{cfg.dataset}/{cfg.train_split}", file=sys.stderr)
     cache.run(run_, model, progress)
     print("[2/3] training the SAE", file=sys.stderr)
-    train.run(run_, progress)
+    train.run(run_, progress, log=log)
     print(f"[3/3] evaluating on {cfg.dataset}/{cfg.eval_split}", file=sys.stderr)
     metrics = evaluate.run(run_, model, progress, cl_batch_size)
     summary = write_summary(run_, metrics, time.time() - t0, model)
@@ -101,6 +103,6 @@ def cli(args) -> None:
     ov = overrides(args)
     opts = evaluate.EvaluateOptions(**given(args, evaluate.EvaluateOptions))
     summary = run(Run(args.run), start_config(ov.get("model"), args_preset(args)), ov,
-                  cl_batch_size=opts.cl_batch_size)
+                  cl_batch_size=opts.cl_batch_size, log=getattr(args, "log", "none"))
     print(format_summary(summary))
     print(f"wrote {args.run}/summary.json")

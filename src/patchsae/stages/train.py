@@ -22,7 +22,14 @@ class TrainOptions:
     on_the_fly: bool = opt(False, "extract activations at every step instead of reading the cache")
 
 
-OPTIONS = (TrainOptions, RunConfig, ConfigOptions)
+@dataclass(frozen=True)
+class LogOptions:
+    log: str = opt("none", "experiment tracker: tensorboard (event files in DIR/logs) or wandb (offline in DIR/logs "
+                   "unless WANDB_MODE / WANDB_API_KEY say otherwise); needs `pip install -e .[log]`",
+                   choices=("none", "tensorboard", "wandb"))
+
+
+OPTIONS = (TrainOptions, LogOptions, RunConfig, ConfigOptions)
 
 
 @dataclass(frozen=True)
@@ -31,15 +38,18 @@ class TrainReport:
     sae: object  # the trained patchsae.sae.model.SAE
 
 
-def run(run: Run, progress: bool = True, on_the_fly: bool = False, dist: Dist = Dist()) -> TrainReport:
+def run(run: Run, progress: bool = True, on_the_fly: bool = False, dist: Dist = Dist(),
+        log: str = "none") -> TrainReport:
     """Train on the run's cache, or (on_the_fly) extract activations for every step with no cache. Under
-    torchrun (`dist`), every rank trains on its slice of each global batch of the cache."""
+    torchrun (`dist`), every rank trains on its slice of each global batch of the cache. `log` names the
+    tracker that receives the training curves (and, through DIR/logs/tracker.json, evaluate's metrics)."""
     from patchsae.activations.cache import ActivationCache
     from patchsae.activations.tokens import CachedTokens, StreamedTokens
     from patchsae.sae.model import SAEConfig
     from patchsae.sae.train import TrainConfig, train_sae
 
     cfg = run.load_config()
+    _refuse_retraining_an_import(run)
     if on_the_fly:
         from patchsae.data import open_dataset
         from patchsae.data.base import FirstN
@@ -60,9 +70,44 @@ def run(run: Run, progress: bool = True, on_the_fly: bool = False, dist: Dist = 
                         mse_cls_coefficient=cfg.mse_cls_coefficient)
     train_cfg = TrainConfig(total_tokens=int(cfg.epochs * source.n_tokens), batch_tokens=cfg.batch_tokens,
                             lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed, device=cfg.device)
-    sae = train_sae(sae_cfg, train_cfg, source, run.sae_dir, progress=progress,
-                    provenance={"model": cfg.model, "layer": layer, "tokens": cfg.tokens}, dist=dist)
+    # every rank gets a tracker when one is asked for (the others a silent one), so all take part in reducing
+    # the logged loss parts; only rank 0's writes
+    from patchsae.sae.tracking import NoTracker
+
+    tracker = open_run_tracker(run, log, cfg.to_json()) if dist.is_main else (NoTracker() if log != "none" else None)
+    try:
+        sae = train_sae(sae_cfg, train_cfg, source, run.sae_dir, progress=progress,
+                        provenance={"model": cfg.model, "layer": layer, "tokens": cfg.tokens}, dist=dist,
+                        tracker=tracker)
+    finally:
+        if tracker is not None:
+            tracker.close()
     return TrainReport(run.sae_dir, sae)
+
+
+def open_run_tracker(run: Run, kind: str | None = None, config: dict | None = None):
+    """The run's tracker: `kind` (recorded in DIR/logs/tracker.json for later stages), or the recorded one when
+    kind is None; None when there is none."""
+    from patchsae.sae.tracking import open_tracker
+    from patchsae.utils import read_json, write_json
+
+    if kind is None:
+        if not run.tracker_file.exists():
+            return None
+        kind = read_json(run.tracker_file).get("kind", "none")
+    if kind == "none":
+        return None
+    tracker = open_tracker(kind, run.logs_dir, name=run.path.name, config=config)
+    write_json(run.tracker_file, {"kind": kind})
+    return tracker
+
+
+def _refuse_retraining_an_import(run: Run) -> None:
+    """An imported SAE has no training checkpoint: training would silently replace it."""
+    from patchsae.runs.artefacts import sae_origin
+
+    if sae_origin(run) is not None and not (run.sae_dir / "checkpoint.safetensors").exists():
+        raise PatchSAEError(f"{run.path} holds an imported SAE; train in a new run directory")
 
 
 def cli(args) -> None:
@@ -70,7 +115,7 @@ def cli(args) -> None:
         print(dry_run(args))
         return
     run_, dist = init_run(args)
-    r = run(run_, on_the_fly=getattr(args, "on_the_fly", False), dist=dist)
+    r = run(run_, on_the_fly=getattr(args, "on_the_fly", False), dist=dist, log=getattr(args, "log", "none"))
     if dist.is_main:
         c = r.sae.cfg
         print(f"trained SAE {c.d_model} -> {c.d_sae} ({c.arch}, {c.objective} objective) in {r.folder}")

@@ -273,7 +273,8 @@ async function init() {
   const info = await api("/api/info");
   state.info = info;
   $("#run-info").textContent = `run ${info.run} · ${info.model} block ${info.layer} · ${info.d_sae} latents · ` +
-    `${info.grid[0]}×${info.grid[1]} patches` + (info.adapted ? ` · adapted: ${info.adapted_model}` : "");
+    `${info.grid[0]}×${info.grid[1]} patches` + (info.adapted ? ` · adapted: ${info.adapted_model}` : "") +
+    (info.sae_origin ? ` · SAE imported (${info.sae_origin.format}) from ${info.sae_origin.source}` : "");
   $("#ds-index").max = Math.max(0, info.dataset.size - 1);
   $("#class-select").innerHTML = info.class_names.map((c, i) => `<option value="${i}">${esc(c)}</option>`).join("");
   $("#figures").innerHTML = info.figures.map((f) =>
