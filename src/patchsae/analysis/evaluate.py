@@ -1,6 +1,7 @@
 """Held-out evaluation of a trained SAE inside its CLIP: reconstruction metrics, and zero-shot accuracy of
 the original model, with the SAE reconstruction spliced into all tokens of the hooked block, and with that
-block's output zero-ablated. One forward to the hooked block per batch serves all of them."""
+block's output zero-ablated. One forward to the hooked block per batch serves all of them. A model without a
+text tower (DINOv2) is given its run's linear probe instead, and the three accuracies are the probe's."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from patchsae.data.base import LabelledImages, SkipLog, iter_batches
+from patchsae.models.classifier import Classifier, TextClassifier
 from patchsae.models.clip import ClipModel
 from patchsae.sae.metrics import ReconstructionStats
 from patchsae.sae.model import SAE
@@ -16,10 +18,12 @@ from patchsae.sae.model import SAE
 
 @torch.no_grad()
 def evaluate(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, batch_size: int = 256,
-             max_images: int | None = None, progress: bool = True) -> tuple[dict, torch.Tensor]:
-    """Return (metrics, per-latent token firing frequency)."""
+             max_images: int | None = None, progress: bool = True, classifier: Classifier | None = None
+             ) -> tuple[dict, torch.Tensor]:
+    """Return (metrics, per-latent token firing frequency); accuracies by `classifier` (default: the model's
+    zero-shot head over the dataset's classes)."""
     sae = sae.to(model.device).eval()
-    head_CE = model.text_head(ds.class_names)
+    clf = classifier or TextClassifier(model, model.text_head(ds.class_names))
     stats = ReconstructionStats(sae.cfg.d_model, sae.cfg.d_sae)
     image_rows = model.layout().image_token_mask()
     correct = {"zero_shot_accuracy": 0, "spliced_accuracy": 0, "zero_ablated_accuracy": 0}
@@ -33,15 +37,18 @@ def evaluate(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, batch_s
         xhat_BTD = sae.decode(f_BTS)
         stats.update(h_BTD[:, image_rows], xhat_BTD[:, image_rows], f_BTS[:, image_rows])
         labels = labels.to(model.device)
-        for key, resid in (("zero_shot_accuracy", h_BTD), ("spliced_accuracy", xhat_BTD),
+        spliced_BTD = h_BTD.clone()  # register and prompt tokens, never seen by the SAE, pass through
+        spliced_BTD[:, image_rows] = xhat_BTD[:, image_rows]
+        for key, resid in (("zero_shot_accuracy", h_BTD), ("spliced_accuracy", spliced_BTD),
                            ("zero_ablated_accuracy", torch.zeros_like(h_BTD))):
-            pred = model.logits(model.finish_from(resid, layer), head_CE).argmax(-1)
+            pred = clf.logits(model.finish_from(resid, layer)).argmax(-1)
             correct[key] += (pred == labels).sum().item()
         n += len(labels)
     metrics = stats.result()
     metrics.update({k: v / n for k, v in correct.items()})
     metrics["eval_images"] = n
     metrics["eval_skipped"] = skips.count
+    metrics["classifier"] = clf.kind
     return metrics, stats.frequencies()
 
 

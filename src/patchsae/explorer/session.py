@@ -26,6 +26,7 @@ from PIL import Image
 from patchsae import PatchSAEError
 from patchsae.analysis import patch_maps
 from patchsae.analysis.latents import LOW_ENTROPY
+from patchsae.models.classifier import TextClassifier
 from patchsae.models.clip import ClipModel
 from patchsae.runs import Run
 from patchsae.runs.artefacts import open_run, open_run_dataset, require_analysis
@@ -108,7 +109,7 @@ class Explorer:
     def __init__(self, run: Run, adapt: Callable[[ClipModel], ClipModel] | None = None, max_images: int = 64,
                  max_bytes: int = 1 << 30):
         """`adapt` turns the run's CLIP into an adapted model (e.g. MaPLe prompts) that the same SAE reads."""
-        from patchsae.models.text_head import cached_text_head
+        from patchsae.analysis.probe import classifier_for
 
         self.run = run
         cfg, model, sae, self.layer = open_run(run)
@@ -127,10 +128,9 @@ class Explorer:
             self.ds_error = None
         except PatchSAEError as exc:  # uploads still work; reference images do not
             self.ds, self.ds_error = None, str(exc)
-        base_head = cached_text_head(model, self.class_names, run.text_head_file, write=False)
-        self.heads = {"base": base_head}
+        self.heads = {"base": classifier_for(run, model, self.class_names, write=False)}
         if adapted is not None:
-            self.heads["adapted"] = adapted.text_head(self.class_names)
+            self.heads["adapted"] = TextClassifier(adapted, adapted.text_head(self.class_names))
         vocab = self.manifest["naming"]["vocabulary"]
         self.names = [[(vocab[int(i)], float(s)) for i, s in zip(idx, sc) if i >= 0]
                       for idx, sc in zip(self.stats["name_index_SN"].tolist(), self.stats["name_score_SN"].tolist())]
@@ -249,9 +249,9 @@ class Explorer:
 
     @torch.no_grad()
     def predictions(self, emb_BE: torch.Tensor, key: str, n: int = 5) -> list[dict]:
-        """Top-n zero-shot classes with the model's own probabilities (CLIP: softmax at its logit scale; SigLIP:
-        its sigmoid with the learnt bias)."""
-        probs = self.models[key].zero_shot_probs(emb_BE, self.heads[key])[0]
+        """Top-n classes with the model's own probabilities (CLIP: softmax at its logit scale; SigLIP: its sigmoid
+        with the learnt bias; a model without a text tower: the softmax of its run's linear probe)."""
+        probs = self.heads[key].probs(emb_BE)[0]
         vals, ids = probs.topk(min(n, len(self.class_names)))
         return [{"class": self.class_names[int(i)], "index": int(i), "prob": round(float(v), 5)}
                 for i, v in zip(ids, vals)]

@@ -35,6 +35,7 @@ class EvalMetrics:
     eval_images: int
     eval_skipped: int
     tokens_trained: int | None
+    classifier: str = "zero-shot"  # what the accuracies classify with: zero-shot (text head) or probe (DINOv2)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -42,6 +43,7 @@ class EvalMetrics:
 
 def run(run: Run, model=None, progress: bool = True) -> EvalMetrics:
     from patchsae.analysis.evaluate import evaluate, log_density_figure
+    from patchsae.analysis.probe import classifier_for
     from patchsae.data import open_dataset
     from patchsae.sae.checkpoint import load_sae
     from patchsae.utils import write_json
@@ -50,7 +52,8 @@ def run(run: Run, model=None, progress: bool = True) -> EvalMetrics:
     model = model or model_for(cfg)
     sae, meta = load_sae(run.sae_dir, d_model=model.d_model)
     ds = open_dataset(cfg.dataset, cfg.eval_split, path=cfg.dataset_path)
-    metrics, freq_S = evaluate(model, sae, ds, cfg.layer, cfg.batch_images, cfg.max_eval_images, progress)
+    clf = classifier_for(run, model, ds.class_names, progress=progress)
+    metrics, freq_S = evaluate(model, sae, ds, cfg.layer, cfg.batch_images, cfg.max_eval_images, progress, clf)
     report = EvalMetrics(**metrics, tokens_trained=meta.get("tokens_trained"))
     write_json(run.eval_metrics_file, report.to_json())
     log_density_figure(freq_S, run.figures_dir / "log_density.png",
