@@ -128,9 +128,10 @@ class Explorer:
             self.ds_error = None
         except PatchSAEError as exc:  # uploads still work; reference images do not
             self.ds, self.ds_error = None, str(exc)
-        self.heads = {"base": classifier_for(run, model, self.class_names, write=False)}
+        self.classifiers = {"base": classifier_for(run, model, self.class_names, write=False)}
         if adapted is not None:
-            self.heads["adapted"] = TextClassifier(adapted, adapted.text_head(self.class_names))
+            self.classifiers["adapted"] = TextClassifier(adapted, adapted.text_head(self.class_names))
+        self.heads = {k: c.head_CE for k, c in self.classifiers.items() if isinstance(c, TextClassifier)}
         vocab = self.manifest["naming"]["vocabulary"]
         self.names = [[(vocab[int(i)], float(s)) for i, s in zip(idx, sc) if i >= 0]
                       for idx, sc in zip(self.stats["name_index_SN"].tolist(), self.stats["name_score_SN"].tolist())]
@@ -251,7 +252,7 @@ class Explorer:
     def predictions(self, emb_BE: torch.Tensor, key: str, n: int = 5) -> list[dict]:
         """Top-n classes with the model's own probabilities (CLIP: softmax at its logit scale; SigLIP: its sigmoid
         with the learnt bias; a model without a text tower: the softmax of its run's linear probe)."""
-        probs = self.heads[key].probs(emb_BE)[0]
+        probs = self.classifiers[key].probs(emb_BE)[0]
         vals, ids = probs.topk(min(n, len(self.class_names)))
         return [{"class": self.class_names[int(i)], "index": int(i), "prob": round(float(v), 5)}
                 for i, v in zip(ids, vals)]
