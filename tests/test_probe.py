@@ -149,6 +149,10 @@ def test_analyze_names_by_majority_label_and_the_explorer_predicts_with_the_prob
 
         analyze(Run(run), AnalyzeOptions(steer=True), progress=False)
 
+    Run(run).probe_file.unlink(missing_ok=True)  # the explorer does not fit it: it says how to
+    with pytest.raises(PatchSAEError, match="has no linear probe yet; run `patchsae probe --run"):
+        Explorer(Run(run))
+    assert cli.main(["probe", "--run", str(run)]) == 0
     probe = LinearProbe.load(Run(run).probe_file)
     ex = Explorer(Run(run))
     got = ex.analyze(ex.add_dataset(3))["models"]["base"]["predictions"]
