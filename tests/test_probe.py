@@ -161,6 +161,7 @@ def test_analyze_names_by_majority_label_and_the_explorer_predicts_with_the_prob
     want = probs.topk(5)
     assert [p["index"] for p in got] == want.indices.tolist()
     assert [p["prob"] for p in got] == pytest.approx(want.values.tolist(), abs=1e-5)
+    assert ex.info()["classifier"] == "probe"
 
 
 def test_register_tokens_are_kept_apart_unless_named(tmp_path, dino_run):

@@ -162,7 +162,7 @@ class Explorer:
                 "dataset": {"name": m["dataset"], "split": m["split"], "analysed_images": m["n_images"],
                             "size": len(self.ds) if self.ds is not None else 0, "error": self.ds_error},
                 "low_entropy_threshold": LOW_ENTROPY, "n_low_entropy": m.get("n_low_entropy"),
-                "alive_latents": len(self.order), "tau": m["tau"]}
+                "alive_latents": len(self.order), "tau": m["tau"], "classifier": self.classifiers["base"].kind}
 
     def check_latent(self, latent: int) -> int:
         if not 0 <= latent < self.d_sae:
