@@ -135,6 +135,16 @@ def test_evaluate_and_classify_use_the_probe(dino_run):
     assert float(table[("class", "on", str(sae.cfg.d_sae))]["accuracy"]) == pytest.approx(recon, abs=1e-6)
 
 
+def test_the_probe_refuses_classes_it_was_not_fitted_on(dino_run, capsys):
+    run, _ = dino_run
+    assert cli.main(["probe", "--run", str(run)]) == 0
+    before = (Run(run).probe_file.read_bytes(), capsys.readouterr())
+    assert cli.main(["classify", "--run", str(run), "--dataset", "digits", "--max-eval-images", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("patchsae: error: the linear probe in") and "cannot classify" in err
+    assert len(err.splitlines()) == 1 and Run(run).probe_file.read_bytes() == before[0]
+
+
 def test_analyze_names_by_majority_label_and_the_explorer_predicts_with_the_probe(dino_run):
     from patchsae.explorer.session import Explorer
 
