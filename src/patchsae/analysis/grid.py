@@ -2,8 +2,9 @@
 
 For an image, rank the SAE latents (analysis/rankings.py), keep only the top-k ("on") or remove them ("off"),
 decode the masked latents and splice the decoding into the hooked block's residual stream at every image token
-(CLS + patches; visual prompt tokens, if any, pass through), then finish the forward pass and classify zero-shot (or, for a model without a text tower, with the run's linear
-probe: `head` is any `models.classifier.Classifier`, or a text head tensor).
+(CLS + patches; visual prompt tokens, if any, pass through), then finish the forward pass and classify zero-shot
+(or, for a model without a text tower, with the run's linear probe: `head` is any `models.classifier.Classifier`,
+or a text head tensor).
 
 Rows of a grid (`GridRow`): the baselines `none,original` (unspliced), `none,reconstruction` (all latents kept)
 and `none,error_kept` (reconstruction plus the SAE error term: must equal `original`), then

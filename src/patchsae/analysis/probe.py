@@ -77,15 +77,15 @@ def run_probe(run: Run, model, refit: bool = False, progress: bool = True) -> Li
     return fit_probe(run, model, progress)
 
 
-def classifier_for(run: Run, model, class_names: Sequence[str], head_file=None, write: bool = True,
-                   progress: bool = True) -> Classifier:
+def classifier_for(run: Run, model, class_names: Sequence[str], write: bool = True, progress: bool = True
+                   ) -> Classifier:
     """What the run classifies `class_names` with: the model's zero-shot head (cached at the run's text-head
     file) if it has a text tower, else the run's linear probe, fitted now if missing or stale (`write`);
     a reader that must not write (the explorer) gets one clear line instead."""
     from patchsae.models.text_head import cached_text_head
 
     if model.has_text:
-        return TextClassifier(model, cached_text_head(model, class_names, head_file or run.text_head_file, write))
+        return TextClassifier(model, cached_text_head(model, class_names, run.text_head_file, write))
     if write:
         probe = run_probe(run, model, progress=progress)
     else:
