@@ -430,3 +430,23 @@ def test_models_subcommand_lists_sources(capsys):
     assert [r.split()[0] for r in rows] == ["family", "clip", "siglip", "dinov2", "dinov2-registers"]
     assert "register" in rows[4] and "not built yet" in rows[4]
     assert "sigmoid" in rows[2] and "no class token" in rows[2]
+
+
+def test_adapt_takes_act_like_the_other_stages(tmp_path, capsys):
+    """`adapt --act gelu` opens an OpenAI-layout file as GELU (its model is named 'FILE [gelu]', as caches and
+    SAEs name it) and records the choice; without --act the one-line QuickGELU assumption is printed."""
+    from patchsae import cli
+
+    sd = random_openai_sd(seed=5, **SMALL)
+    torch.save(sd, tmp_path / "clip.pt")
+    write_clip_bpe(tmp_path)
+    args = ["adapt", "--model", str(tmp_path / "clip.pt"), "--dataset", "fashion-mnist", "--shots", "1",
+            "--epochs", "1", "--batch-size", "5", "--max-eval-images", "4"]
+    assert cli.main([*args, "--act", "gelu", "--out", str(tmp_path / "g")]) == 0
+    out, err = capsys.readouterr()
+    cfg = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert cfg["options"]["act"] == "gelu" and f"{tmp_path / 'clip.pt'} [gelu]" in out
+    assert "assum" not in err.lower()
+    assert cli.main([*args, "--out", str(tmp_path / "q")]) == 0
+    out, err = capsys.readouterr()
+    assert "[gelu]" not in out and "assuming QuickGELU" in err

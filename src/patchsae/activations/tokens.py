@@ -14,13 +14,20 @@ import torch
 from patchsae import PatchSAEError
 from patchsae.activations.cache import ActivationCache
 
-TOKEN_SETS = {"all": ("cls", "patch"), "patch": ("patch",), "cls": ("cls",)}
+# DINOv2's register tokens are kept apart by default (like visual prompt tokens): they hold global scratch state,
+# not image content at a place, so only the sets that name them train on them
+TOKEN_SETS = {"all": ("cls", "patch"), "patch": ("patch",), "cls": ("cls",), "register": ("register",),
+              "all+register": ("cls", "register", "patch")}
 
 
 def token_positions(kinds: list[str], tokens: str) -> np.ndarray:
-    """Positions of the token rows to train on; visual prompt tokens are never in the default set."""
+    """Positions of the token rows to train on; visual prompt tokens are never in a set, register tokens only in
+    the sets that name them."""
     if tokens not in TOKEN_SETS:
         raise PatchSAEError(f"unknown token set {tokens!r} (choose from {', '.join(TOKEN_SETS)})")
+    if "register" in TOKEN_SETS[tokens] and "register" not in kinds:
+        raise PatchSAEError(f"--tokens {tokens} asks for register tokens, but this model has none (only DINOv2 "
+                            "with registers does)")
     return np.array([i for i, k in enumerate(kinds) if k in TOKEN_SETS[tokens]], dtype=np.int64)
 
 

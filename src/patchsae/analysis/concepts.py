@@ -1,4 +1,5 @@
-"""Concept names chosen by CLIP itself.
+"""Concept names chosen by CLIP itself (a model without a text tower, such as DINOv2, falls back to the majority
+label of each latent's reference images: `majority_names`).
 
 Method used for the names: the mean normalised image embedding of a latent's top reference images (by
 image-level activation), m_l = mean_{i in R_l} norm(emb(i)), ranked against a vocabulary of candidate phrases
@@ -139,6 +140,17 @@ def name_latents(direction_SE: torch.Tensor, vocab_VE: torch.Tensor, top: int = 
     score_SN, index_SN = sim_SV.topk(top, dim=1)
     empty_S = direction_SE.norm(dim=1) == 0
     return torch.where(empty_S[:, None], -1, index_SN), torch.where(empty_S[:, None], 0.0, score_SN)
+
+
+def majority_names(value_SK: torch.Tensor, label_SK: torch.Tensor, majority_S: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(name_index_SN, name_score_SN) with N = 1 for a model without a text tower: the majority label of the
+    latent's reference images (`latents.label_entropy`'s), scored by that label's share of the references' summed
+    activation; latents with no references get index -1 and score 0."""
+    valid_SK = (label_SK >= 0) & (label_SK == majority_S[:, None])
+    share_S = (torch.where(valid_SK, value_SK, 0.0).double().sum(1)
+               / torch.where(label_SK >= 0, value_SK, 0.0).double().sum(1).clamp_min(1e-30))
+    return majority_S[:, None].clone(), torch.where(majority_S >= 0, share_S, 0.0).float()[:, None]
 
 
 def name_agreement(name_index_S: torch.Tensor, majority_S: torch.Tensor, low_S: torch.Tensor,

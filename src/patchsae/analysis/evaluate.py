@@ -1,7 +1,9 @@
 """Held-out evaluation of a trained SAE inside its CLIP: reconstruction metrics, and zero-shot accuracy of
 the original model, with the SAE reconstruction spliced into all tokens of the hooked block, and with that
 block's output zero-ablated; Table 2's metrics (sae/metrics.py) and CLIP's contrastive losses with the CLS
-token or every token spliced (analysis/contrastive.py). One forward to the hooked block per batch serves all."""
+token or every token spliced (analysis/contrastive.py). One forward to the hooked block per batch serves all. A
+model without a text tower (DINOv2) is given its run's linear probe instead: the three accuracies are the probe's
+and there are no contrastive losses."""
 
 from __future__ import annotations
 
@@ -12,18 +14,20 @@ import torch
 from patchsae.data.base import LabelledImages, SkipLog, iter_batches
 from patchsae.analysis.contrastive import ContrastiveBatches
 from patchsae.models.backbone import Backbone
+from patchsae.models.classifier import Classifier, TextClassifier
 from patchsae.sae.metrics import ReconstructionStats
 from patchsae.sae.model import SAE
 
 
 @torch.no_grad()
 def evaluate(model: Backbone, sae: SAE, ds: LabelledImages, layer: int, batch_size: int = 256,
-             max_images: int | None = None, progress: bool = True,
-             cl_batch_size: int = 128) -> tuple[dict, torch.Tensor]:
+             max_images: int | None = None, progress: bool = True, cl_batch_size: int = 128,
+             classifier: Classifier | None = None) -> tuple[dict, torch.Tensor]:
     """Return (metrics, per-latent token firing frequency). cl_batch_size: images per contrastive-loss batch
-    (0: no contrastive losses)."""
+    (0: no contrastive losses); accuracies by `classifier` (default: the model's zero-shot head over the dataset's
+    classes)."""
     sae = sae.to(model.device).eval()
-    head_CE = model.text_head(ds.class_names)
+    clf = classifier or TextClassifier(model, model.text_head(ds.class_names))
     stats = ReconstructionStats(sae.cfg.d_model, sae.cfg.d_sae)
     image_rows = model.layout().image_token_mask()
     correct = {"zero_shot_accuracy": 0, "spliced_accuracy": 0, "zero_ablated_accuracy": 0}
@@ -38,13 +42,15 @@ def evaluate(model: Backbone, sae: SAE, ds: LabelledImages, layer: int, batch_si
         xhat_BTD = sae.decode(f_BTS)
         stats.update(h_BTD[:, image_rows], xhat_BTD[:, image_rows], f_BTS[:, image_rows])
         labels = labels.to(model.device)
+        spliced_BTD = h_BTD.clone()  # register and prompt tokens, never seen by the SAE, pass through
+        spliced_BTD[:, image_rows] = xhat_BTD[:, image_rows]
         features = {name: model.finish_from(resid, layer) for name, resid in (
-            ("original", h_BTD), ("sae_all", xhat_BTD), ("zero_all", torch.zeros_like(h_BTD)))}
+            ("original", h_BTD), ("sae_all", spliced_BTD), ("zero_all", torch.zeros_like(h_BTD)))}
         if contrastive is not None:
             contrastive.add(h_BTD, labels, features)
         for key, name in (("zero_shot_accuracy", "original"), ("spliced_accuracy", "sae_all"),
                           ("zero_ablated_accuracy", "zero_all")):
-            pred = model.logits(features[name], head_CE).argmax(-1)
+            pred = clf.logits(features[name]).argmax(-1)
             correct[key] += (pred == labels).sum().item()
         n += len(labels)
     metrics = {**stats.result(), **stats.table2()}
@@ -53,6 +59,7 @@ def evaluate(model: Backbone, sae: SAE, ds: LabelledImages, layer: int, batch_si
     metrics.update({k: v / n for k, v in correct.items()})
     metrics["eval_images"] = n
     metrics["eval_skipped"] = skips.count
+    metrics["classifier"] = clf.kind
     return metrics, stats.frequencies()
 
 

@@ -2,7 +2,9 @@
 
 For an image, rank the SAE latents (analysis/rankings.py), keep only the top-k ("on") or remove them ("off"),
 decode the masked latents and splice the decoding into the hooked block's residual stream at every image token
-(CLS + patches; visual prompt tokens, if any, pass through), then finish the forward pass and classify zero-shot.
+(CLS + patches; visual prompt tokens, if any, pass through), then finish the forward pass and classify zero-shot
+(or, for a model without a text tower, with the run's linear probe: `head` is any `models.classifier.Classifier`,
+or a text head tensor).
 
 Rows of a grid (`GridRow`): the baselines `none,original` (unspliced), `none,reconstruction` (all latents kept)
 and `none,error_kept` (reconstruction plus the SAE error term: must equal `original`), then
@@ -30,6 +32,7 @@ from patchsae.analysis.latents import image_rows
 from patchsae.analysis.rankings import (SELECTIONS, image_positions, k_values, keep_mask, random_positions,
                                         rank_positions)
 from patchsae.data.base import LabelledImages, SkipLog, iter_batches
+from patchsae.models.classifier import Classifier, as_classifier
 from patchsae.models.clip import ClipModel
 from patchsae.sae.model import SAE
 from patchsae.utils import csv_text
@@ -73,7 +76,7 @@ def grid_rows(ks: Sequence[int], seeds: Sequence[int]) -> list[GridRow]:
 
 
 
-def classify_grid(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, head_CE: torch.Tensor,
+def classify_grid(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, head: Classifier | torch.Tensor,
                   counts_CS: torch.Tensor, ks: Sequence[int | None], seeds: Sequence[int], max_images: int | None,
                   batch_size: int, progress: bool = True) -> tuple[Tally, dict]:
     """The masking grid of `classify`: class-level, dataset-level and random rankings x on/off x k, plus the
@@ -83,18 +86,19 @@ def classify_grid(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, he
     ks = k_values(d_sae, ks)
     rankings = {("class", None): rank_positions(counts_CS), ("dataset", None): rank_positions(counts_CS.sum(0))}
     rankings.update({("random", s): random_positions(d_sae, s) for s in seeds})
-    tally, info = run_grid(model, sae, ds, layer, head_CE, rankings, grid_rows(ks, seeds), max_images, batch_size,
+    tally, info = run_grid(model, sae, ds, layer, head, rankings, grid_rows(ks, seeds), max_images, batch_size,
                            progress)
     return tally, {**info, "ks": ks}
 
 
 @torch.no_grad()
-def run_grid(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, head_CE: torch.Tensor,
+def run_grid(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, head: Classifier | torch.Tensor,
              rankings: dict[tuple, torch.Tensor], rows: Sequence[GridRow], max_images: int | None,
              batch_size: int, progress: bool = True) -> tuple[Tally, dict]:
     """Evaluate every grid row on `ds`; one block_output per batch, one cheap finish per row. A masked row
     (selection, mode, k, variant) keeps or removes the top k of rankings[(selection, variant)]."""
     sae = sae.to(model.device).eval()
+    clf = as_classifier(model, head)
     C = len(ds.class_names)
     rankings = {key: pos.to(model.device) for key, pos in rankings.items()}
     rows_T, _ = image_rows(model)
@@ -111,14 +115,14 @@ def run_grid(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, head_CE
         labels = labels.to(model.device)
         tally.total_C += torch.bincount(labels.cpu(), minlength=C)
         n_img += len(labels)
-        _grid_batch(model, sae, h_BTD, labels, head_CE, rankings, rows, rows_T, all_rows, finish, tally)
+        _grid_batch(sae, h_BTD, labels, clf, rankings, rows, rows_T, all_rows, finish, tally)
     if n_img == 0:
         raise PatchSAEError(f"no readable images in {ds.name}/{ds.split} ({skips.count} skipped)")
     return tally, {"images": n_img, "skipped": skips.count, "fast_last_block": fast,
                    "seconds": round(time.time() - t0, 1)}
 
 
-def _grid_batch(model, sae, h_BTD, labels_B, head_CE, rankings, rows, rows_T, all_rows, finish, tally) -> None:
+def _grid_batch(sae, h_BTD, labels_B, clf, rankings, rows, rows_T, all_rows, finish, tally) -> None:
     """All grid rows for one batch of images."""
     codes = SparseCodes(sae, h_BTD[:, rows_T])
 
@@ -128,9 +132,9 @@ def _grid_batch(model, sae, h_BTD, labels_B, head_CE, rankings, rows, rows_T, al
         else:
             resid_BTD = h_BTD.clone()
             resid_BTD[:, rows_T] = x_BID
-        tally.add(row, model.logits(finish(resid_BTD), head_CE).argmax(-1), labels_B)
+        tally.add(row, clf.logits(finish(resid_BTD)).argmax(-1), labels_B)
 
-    tally.add(GridRow("none", "original", None), model.logits(finish(h_BTD), head_CE).argmax(-1), labels_B)
+    tally.add(GridRow("none", "original", None), clf.logits(finish(h_BTD)).argmax(-1), labels_B)
     xhat_BID = codes.decode()
     classify(GridRow("none", "reconstruction", None), xhat_BID)
     classify(GridRow("none", "error_kept", None), xhat_BID + (h_BTD[:, rows_T] - xhat_BID))

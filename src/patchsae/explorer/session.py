@@ -28,6 +28,7 @@ from patchsae.analysis import kinds, patch_maps
 from patchsae.analysis.latents import LOW_ENTROPY
 from patchsae.data.base import ImageTooLarge, open_image
 from patchsae.explorer.catalog import Catalog
+from patchsae.models.classifier import TextClassifier
 from patchsae.models.clip import ClipModel
 from patchsae.runs import Run
 from patchsae.runs.artefacts import open_run, open_run_dataset, require_analysis, sae_origin
@@ -98,7 +99,7 @@ class Explorer(Catalog):
     def __init__(self, run: Run, adapt: Callable[[ClipModel], ClipModel] | None = None, max_images: int = 64,
                  max_bytes: int = 1 << 30):
         """`adapt` turns the run's CLIP into an adapted model (e.g. MaPLe prompts) that the same SAE reads."""
-        from patchsae.models.text_head import cached_text_head
+        from patchsae.analysis.probe import classifier_for
 
         self.run = run
         cfg, model, sae, self.layer = open_run(run)
@@ -116,10 +117,10 @@ class Explorer(Catalog):
             self.ds_error = None
         except PatchSAEError as exc:  # uploads still work; reference images do not
             self.ds, self.ds_error = None, str(exc)
-        base_head = cached_text_head(model, self.class_names, run.text_head_file, write=False)
-        self.heads = {"base": base_head}
+        self.classifiers = {"base": classifier_for(run, model, self.class_names, write=False)}
         if adapted is not None:
-            self.heads["adapted"] = adapted.text_head(self.class_names)
+            self.classifiers["adapted"] = TextClassifier(adapted, adapted.text_head(self.class_names))
+        self.heads = {k: c.head_CE for k, c in self.classifiers.items() if isinstance(c, TextClassifier)}
         self.sae_origin = sae_origin(run)
         self._images: OrderedDict[str, ImageEntry] = OrderedDict()
         self._max_images, self._max_bytes = max_images, max_bytes  # dense codes: 39 MB an image at ViT-B/16 x64
@@ -142,7 +143,8 @@ class Explorer(Catalog):
                 "alive_latents": int((self.stats["fired_S"] > 0).sum()), "tau": m["tau"],
                 "kinds": (m.get("kinds") or {}).get("counts") or self.kinds.counts(),
                 "kind_thresholds": (m.get("kinds") or {}).get("thresholds"),
-                "shown_by_default": list(kinds.SHOWN_BY_DEFAULT), "sae_origin": self.sae_origin}
+                "shown_by_default": list(kinds.SHOWN_BY_DEFAULT), "sae_origin": self.sae_origin,
+                "classifier": self.classifiers["base"].kind}
 
     def check_model(self, key: str) -> ClipModel:
         if key not in self.models:
@@ -221,9 +223,9 @@ class Explorer(Catalog):
 
     @torch.no_grad()
     def predictions(self, emb_BE: torch.Tensor, key: str, n: int = 5) -> list[dict]:
-        """Top-n zero-shot classes with the model's own probabilities (CLIP: softmax at its logit scale; SigLIP:
-        its sigmoid with the learnt bias)."""
-        probs = self.models[key].zero_shot_probs(emb_BE, self.heads[key])[0]
+        """Top-n classes with the model's own probabilities (CLIP: softmax at its logit scale; SigLIP: its sigmoid
+        with the learnt bias; a model without a text tower: the softmax of its run's linear probe)."""
+        probs = self.classifiers[key].probs(emb_BE)[0]
         vals, ids = probs.topk(min(n, len(self.class_names)))
         return [{"class": self.class_names[int(i)], "index": int(i), "prob": round(float(v), 5)}
                 for i, v in zip(ids, vals)]

@@ -40,10 +40,10 @@ FAMILIES = (
     Family("clip", ("clip",), "CLIPModel", "cls, patch (+ prompt with MaPLe)", "text tower: softmax zero-shot head"),
     Family("siglip", ("siglip",), "SiglipModel", "patch (no class token)",
            "text tower: sigmoid zero-shot head with its learnt bias"),
-    Family("dinov2", ("dinov2",), "Dinov2Model", "cls, patch", "no text tower: linear probe (not built yet; "
-           "evaluate/classify refuse)"),
+    Family("dinov2", ("dinov2",), "Dinov2Model", "cls, patch", "no text tower: the run's linear probe "
+           "(patchsae probe)"),
     Family("dinov2-registers", ("dinov2_with_registers",), "Dinov2WithRegistersModel", "cls, register, patch",
-           "no text tower: linear probe (not built yet; evaluate/classify refuse)"),
+           "no text tower: the run's linear probe (patchsae probe)"),
 )
 
 

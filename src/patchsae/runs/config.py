@@ -29,7 +29,9 @@ class RunConfig:
     eval_split: str = opt("test", "held-out split for evaluation", show_default=False)
     layer: int = opt(-2, "block whose output (residual stream) is hooked; negative counts from the end (-2 = paper)",
                      show_default=False)
-    tokens: str = opt("all", "tokens to train on: all (CLS + patches, the paper), patch, or cls", show_default=False)
+    tokens: str = opt("all", "tokens to train on: all (CLS + patches, the paper), patch, cls, register (DINOv2's "
+                      "register tokens) or all+register; register tokens are kept apart unless named",
+                      show_default=False, choices=("all", "patch", "cls", "register", "all+register"))
     max_train_images: int | None = opt(None, "cache only the first N training images", show_default=False)
     max_eval_images: int | None = opt(None, "evaluate on the first N held-out images", show_default=False)
     arch: str = opt("relu", "relu (paper: ReLU + L1, ghost grads), topk (TopK + AuxK), batchtopk (BatchTopK + AuxK; "

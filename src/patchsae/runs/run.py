@@ -9,6 +9,7 @@ artefact in it, so no other code builds a run path by hand:
   compare/<name>/             one adapted model vs CLIP            adapt-study/     the adaptation study
   figures/                    every figure                         report/          default static report
   logs/                       tracker output of `train --log`, tracker.json
+  probe.safetensors           the linear probe of a model without a text tower (DINOv2), with its accuracies
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ class Run:
     def text_head_file(self) -> Path:
         """The zero-shot head of the run's model over the analysed classes (a cache keyed by its inputs)."""
         return self.classify_dir / "text_head.safetensors"
+
+    @property
+    def probe_file(self) -> Path:
+        """The linear probe on the final image features, for models without a text tower (analysis/probe.py)."""
+        return self.path / "probe.safetensors"
 
     def compare_dir(self, name: str) -> Path:
         return self.path / "compare" / name

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from patchsae import PatchSAEError
 from patchsae.options import opt
-from patchsae.runs.config import DATASET_HELP, DATASET_PATH_HELP, MODEL_HELP
+from patchsae.runs.config import ACT_HELP, DATASET_HELP, DATASET_PATH_HELP, MODEL_HELP
 
 NAME = "adapt"
 HELP = ("MaPLe prompt learning: train prompts few-shot on base classes, report base and novel accuracy vs zero-shot "
@@ -29,6 +29,7 @@ TRAINING = ("shots", "n_ctx", "depth", "ctx_init", "optimizer", "lr", "epochs", 
 @dataclass(frozen=True)
 class AdaptOptions:
     model: str = opt("embedded", MODEL_HELP, show_default=False)
+    act: str | None = opt(None, ACT_HELP, show_default=False, choices=("quick_gelu", "gelu"))
     dataset: str = opt("fashion-mnist", DATASET_HELP)
     dataset_path: str | None = opt(None, DATASET_PATH_HELP)
     train_split: str = opt("train", "split the few-shot images come from")
@@ -160,7 +161,7 @@ def cli(args) -> None:
 
     cmd = AdaptCommand(**given(args, AdaptCommand))
     opts = AdaptOptions(**given(args, AdaptOptions))
-    clip = load_model(opts.model, opts.device)
+    clip = load_model(opts.model, opts.device, act=opts.act)
     reports = adapt_seeds(clip, opts, list(cmd.seeds) or [opts.seed], cmd.out)
     for r in reports:
         print(format_adapt(r))

@@ -126,6 +126,9 @@ def run(run: Run, opts: AnalyzeOptions = AnalyzeOptions(), progress: bool = True
     thresholds = opts.thresholds()  # bad thresholds fail before the pass, not after it
     group_ids = latents.resolve_classes(list(opts.groups), ds.class_names)
     phrases = concepts.read_phrases(opts.phrases) if opts.phrases else []
+    if not model.has_text and (phrases or opts.steer):
+        raise PatchSAEError(f"{model.name} has no text tower: its latents are named by the majority label of their "
+                            "references, so --phrases and --steer do not apply")
     skips = SkipLog()
     stats = latents.collect_stats(model, sae, ds, layer, opts.batch_size, opts.max_images, opts.k, opts.tau,
                                   skips, progress)
@@ -137,14 +140,21 @@ def run(run: Run, opts: AnalyzeOptions = AnalyzeOptions(), progress: bool = True
                         stats.class_images_C, thresholds)
     selective_S = lk.kind_S == kinds.KINDS.index("class-selective")
 
-    names, vocab_VE = concepts.vocabulary(model, ds.class_names, phrases)
-    name_index_SN, name_score_SN = concepts.name_latents(concepts.mean_reference_embeddings(model, ds, stats),
-                                                         vocab_VE)
+    if model.has_text:
+        names, vocab_VE = concepts.vocabulary(model, ds.class_names, phrases)
+        name_index_SN, name_score_SN = concepts.name_latents(concepts.mean_reference_embeddings(model, ds, stats),
+                                                             vocab_VE)
+        method = "mean normalised embedding of the top reference images, cosine to the vocabulary"
+    else:
+        names = list(ds.class_names)
+        name_index_SN, name_score_SN = concepts.majority_names(stats.top_value_SK, stats.top_label_SK, majority_S)
+        method = "majority label of the top reference images (no text tower); score = its activation share"
     if opts.steer:
         steer_SE, _ = concepts.concept_directions(model, sae, ds, layer, stats)
         steer_index_SN, _ = concepts.name_latents(steer_SE, vocab_VE, 1)
     low_S = (stats.fired_S > 0) & (entropy_S < LOW_ENTROPY)
     agreement, n_low = concepts.name_agreement(name_index_SN[:, 0], majority_S, low_S, names, ds.class_names)
+    agreement = agreement if model.has_text else None  # the majority label agrees with itself by construction
     agreement_steer = (concepts.name_agreement(steer_index_SN[:, 0], majority_S, low_S, names, ds.class_names)[0]
                        if opts.steer else None)
     agreement_sel, n_sel = concepts.name_agreement(name_index_SN[:, 0], lk.top_class_S, selective_S, names,
@@ -194,7 +204,7 @@ def run(run: Run, opts: AnalyzeOptions = AnalyzeOptions(), progress: bool = True
         "low_entropy_threshold": LOW_ENTROPY, "n_low_entropy": n_low,
         "kinds": {"names": list(kinds.KINDS), "thresholds": asdict(thresholds), "counts": lk.counts(),
                   "shown_by_default": list(kinds.SHOWN_BY_DEFAULT)},
-        "naming": {"method": "mean normalised embedding of the top reference images, cosine to the vocabulary",
+        "naming": {"method": method,
                    "vocabulary": names, "phrases_file": opts.phrases, "agreement": agreement,
                    "agreement_steer": agreement_steer, "agreement_selective": agreement_sel,
                    "n_selective": n_sel},

@@ -73,7 +73,7 @@ def run(run: Run, opts: ClassifyOptions = ClassifyOptions(), progress: bool = Tr
     from patchsae.analysis.figures import masking_figure
     from patchsae.analysis.grid import classify_grid, metrics_csv, result_rows
     from patchsae.data import open_dataset
-    from patchsae.models.text_head import cached_text_head
+    from patchsae.analysis.probe import classifier_for
     from patchsae.runs.artefacts import open_run
     from patchsae.utils import atomic_path, write_json
 
@@ -93,10 +93,10 @@ def run(run: Run, opts: ClassifyOptions = ClassifyOptions(), progress: bool = Tr
     ds_rank = open_dataset(dataset, rank_split, **({"path": path} if path else {}))
     if list(ds_rank.class_names) != list(ds_eval.class_names):
         raise PatchSAEError(f"{dataset}: splits {rank_split!r} and {eval_split!r} have different classes")
-    head_CE = cached_text_head(model, ds_eval.class_names, run.text_head_file)
+    clf = classifier_for(run, model, ds_eval.class_names, progress=progress)
     counts_CS, rank_info = rank_counts(run, model, sae, ds_rank, layer, opts, progress)
     t_rank = time.time() - t0
-    tally, info = classify_grid(model, sae, ds_eval, layer, head_CE, counts_CS, opts.ks, opts.seeds,
+    tally, info = classify_grid(model, sae, ds_eval, layer, clf, counts_CS, opts.ks, opts.seeds,
                                 opts.max_eval_images, opts.batch_size, progress)
     rows = result_rows(tally, info["ks"], opts.seeds)
     with atomic_path(run.classify_dir / "metrics.csv") as tmp:
@@ -108,7 +108,7 @@ def run(run: Run, opts: ClassifyOptions = ClassifyOptions(), progress: bool = Tr
                 "eval_split": eval_split, "rank_images": rank_info["images"], "rank_source": rank_info["source"],
                 "eval_images": info["images"], "eval_skipped": info["skipped"], "model": model.name,
                 "layer": layer, "d_sae": sae.cfg.d_sae, "ks": info["ks"], "class_names": list(ds_eval.class_names),
-                "templates": len(model.templates), "fast_last_block": info["fast_last_block"],
+                "templates": len(model.templates), "classifier": clf.kind, "fast_last_block": info["fast_last_block"],
                 "random_seed_accuracies": {f"{r['mode']} {r['k']}": r["seed_accuracies"]
                                            for r in rows if r["selection"] == "random"},
                 "options": {**asdict(opts), "ks": [k for k in opts.ks]},

@@ -61,6 +61,7 @@ class EvalMetrics:
     cl_batch_size: int
     cl_batches: int
     tokens_trained: int | None
+    classifier: str = "zero-shot"  # what the accuracies classify with: zero-shot (text head) or probe (DINOv2)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -73,6 +74,7 @@ TABLE2_KEYS = _FIELDS[_FIELDS.index("normalized_mse"): _FIELDS.index("contrastiv
 
 def run(run: Run, model=None, progress: bool = True, cl_batch_size: int = 128) -> EvalMetrics:
     from patchsae.analysis.evaluate import evaluate, log_density_figure
+    from patchsae.analysis.probe import classifier_for
     from patchsae.data import open_dataset
     from patchsae.sae.checkpoint import load_sae
     from patchsae.utils import write_json
@@ -81,8 +83,10 @@ def run(run: Run, model=None, progress: bool = True, cl_batch_size: int = 128) -
     model = model or model_for(cfg)
     sae, meta = load_sae(run.sae_dir, d_model=model.d_model)
     ds = open_dataset(cfg.dataset, cfg.eval_split, path=cfg.dataset_path)
+    clf = classifier_for(run, model, ds.class_names, progress=progress)
+    cl_batch_size = cl_batch_size if model.has_text else 0  # the contrastive loss needs the text tower
     metrics, freq_S = evaluate(model, sae, ds, cfg.layer, cfg.batch_images, cfg.max_eval_images, progress,
-                               cl_batch_size)
+                               cl_batch_size, clf)
     if not cl_batch_size:
         metrics.update({k: None for k in EvalMetrics.__dataclass_fields__ if k.startswith("contrastive_loss")},
                        cl_batch_size=0, cl_batches=0)
