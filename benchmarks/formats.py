@@ -17,14 +17,15 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import types
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from bench import interleaved_best  # noqa: E402
+from helpers import reference_config_class  # noqa: E402
 
 from patchsae.sae.checkpoint import save_sae  # noqa: E402
 from patchsae.sae.formats import read_sae, write_sae  # noqa: E402
@@ -35,29 +36,21 @@ D_SAE = int(os.environ.get("BENCH_D_SAE", 49_152))
 REPS = int(os.environ.get("BENCH_REPS", "2"))
 
 
+class _Setter:
+    """monkeypatch.setitem's interface, for the test helper run from a script."""
+
+    @staticmethod
+    def setitem(mapping, key, value):
+        mapping[key] = value
+
+
 def _reference_file(path: Path, sae: SAE) -> OrderedDict:
-    """The released checkpoint's layout: its config class pickled under src.sae_training.config (registered here
-    so torch.load without weights_only can rebuild it too) beside the state dict; returns the state dict."""
-    from dataclasses import dataclass
-
-    mod = types.ModuleType("src.sae_training.config")
-
-    @dataclass
-    class ViTSAERunnerConfig:
-        model_name: str = "openai/clip-vit-base-patch16"
-        block_layer: int = -2
-        class_token: bool = False
-        d_in: int = D_MODEL
-        expansion_factor: int = D_SAE // D_MODEL
-        l1_coefficient: float = 8e-5
-        dtype: torch.dtype = torch.float32
-
-    ViTSAERunnerConfig.__module__, ViTSAERunnerConfig.__qualname__ = mod.__name__, "ViTSAERunnerConfig"
-    mod.ViTSAERunnerConfig = ViTSAERunnerConfig
-    sys.modules.update({"src": types.ModuleType("src"), "src.sae_training": types.ModuleType("src.sae_training"),
-                        mod.__name__: mod})
+    """The released checkpoint's layout: its config class pickled under src.sae_training.config (the tests'
+    helper registers it, so torch.load without weights_only can rebuild it too) beside the state dict; returns
+    the state dict."""
+    make_cfg = reference_config_class(_Setter, D_MODEL)
     state = OrderedDict((k, getattr(sae, k).detach().clone()) for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
-    torch.save({"cfg": ViTSAERunnerConfig(), "state_dict": state}, path)
+    torch.save({"cfg": make_cfg(expansion_factor=D_SAE // D_MODEL), "state_dict": state}, path)
     return state
 
 
