@@ -7,13 +7,13 @@ import json
 from dataclasses import asdict, dataclass
 
 from patchsae.runs import Run
-from patchsae.stages.setup import model_for
+from patchsae.stages.setup import LayerChoice, layer_run, model_for
 
 NAME = "evaluate"
 HELP = ("held-out MSE, explained variance, L0, dead latents, zero-shot accuracy original / SAE-spliced / "
         "zero-ablated")
 RUN_HELP = "run directory with a trained SAE"
-OPTIONS = ()
+OPTIONS = (LayerChoice,)
 
 
 @dataclass(frozen=True)
@@ -58,5 +58,32 @@ def run(run: Run, model=None, progress: bool = True) -> EvalMetrics:
     return report
 
 
+def run_layers(run_: Run, progress: bool = True) -> list[tuple[int, EvalMetrics]]:
+    """Every block of a multi-layer run, the model opened once; also written as a table (Run.eval_layers_file)."""
+    from patchsae.utils import atomic_path
+
+    views = run_.layer_runs()
+    model = model_for(views[0].load_config())
+    rows = [(v.layer, run(v, model, progress)) for v in views]
+    with atomic_path(run_.eval_layers_file) as tmp:
+        tmp.write_text(format_layers(rows) + "\n")
+    return rows
+
+
+def format_layers(rows: list[tuple[int, EvalMetrics]]) -> str:
+    """One line per block: explained variance, L0, dead latents, zero-shot accuracy original and spliced."""
+    lines = ["| block | explained variance | L0 per token | dead latents | zero-shot accuracy | spliced accuracy |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for layer, m in rows:
+        lines.append(f"| {layer} | {m.explained_variance:.3f} | {m.l0_per_token:.1f} | {m.dead_fraction:.1%} | "
+                     f"{m.zero_shot_accuracy:.3f} | {m.spliced_accuracy:.3f} |")
+    return "\n".join(lines)
+
+
 def cli(args) -> None:
-    print(json.dumps(run(Run(args.run)).to_json(), indent=2))
+    if getattr(args, "layer", None) is None and Run(args.run).hooked_layers() is not None:
+        rows = run_layers(Run(args.run))
+        print(format_layers(rows))
+        print(f"wrote {Run(args.run).eval_layers_file} and each block's eval/layer<L>/metrics.json")
+        return
+    print(json.dumps(run(layer_run(args)).to_json(), indent=2))

@@ -33,7 +33,17 @@ class TrainReport:
 
 def run(run: Run, progress: bool = True, on_the_fly: bool = False, dist: Dist = Dist()) -> TrainReport:
     """Train on the run's cache, or (on_the_fly) extract activations for every step with no cache. Under
-    torchrun (`dist`), every rank trains on its slice of each global batch of the cache."""
+    torchrun (`dist`), every rank trains on its slice of each global batch of the cache. A multi-layer run
+    trains one SAE per block, each with the same recipe; the report is the first block's."""
+    views = run.layer_runs() if run.layer is None else [run]
+    if len(views) > 1 and on_the_fly:
+        raise PatchSAEError("--on-the-fly trains one block; a multi-layer run trains from its caches")
+    if run.layer is None and run.load_config().layers is not None and run.hooked_layers() is None:
+        raise PatchSAEError(f"{run.path} hooks several blocks: run `patchsae cache --run {run.path}` first")
+    return [_train_one(v, progress, on_the_fly, dist) for v in views][0]
+
+
+def _train_one(run: Run, progress: bool, on_the_fly: bool, dist: Dist) -> TrainReport:
     from patchsae.activations.cache import ActivationCache
     from patchsae.activations.tokens import CachedTokens, StreamedTokens
     from patchsae.sae.model import SAEConfig
@@ -71,5 +81,6 @@ def cli(args) -> None:
     run_, dist = init_run(args)
     r = run(run_, on_the_fly=getattr(args, "on_the_fly", False), dist=dist)
     if dist.is_main:
-        c = r.sae.cfg
-        print(f"trained SAE {c.d_model} -> {c.d_sae} ({c.arch}) in {r.folder}")
+        for v in run_.layer_runs():
+            c = r.sae.cfg
+            print(f"trained SAE {c.d_model} -> {c.d_sae} ({c.arch}) in {v.sae_dir}")
