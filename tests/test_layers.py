@@ -127,3 +127,14 @@ def test_analyze_per_layer_does_not_overwrite(multi_run):
     a2 = json.loads((multi_run / "analysis" / "layer2" / "manifest.json").read_text())
     a0 = json.loads((multi_run / "analysis" / "layer0" / "manifest.json").read_text())
     assert (a2["layer"], a0["layer"]) == (2, 0) and a2["sae_sha256"] != a0["sae_sha256"]
+
+
+def test_dry_run_budget_counts_every_block():
+    from dataclasses import replace
+
+    from patchsae.runs.presets import budget, preset_config
+
+    one = budget(preset_config("paper"))
+    three = budget(replace(preset_config("paper"), layers=("-2", "-5", "-8")))
+    assert three["blocks"] == [10, 7, 4] and three["hooked_block"] == one["hooked_block"] == 10
+    assert three["cache_bytes_fp16"] == 3 * one["cache_bytes_fp16"] and three["steps"] == one["steps"]
