@@ -10,7 +10,8 @@ ratios of implementations run side by side in this one process on the same data 
      interleaved rounds).
   c. SAE training on the embedded model from the fp16 cache vs extracting activations on the fly.
   e. Several layers: blocks 11, 8 and 5 of the same ViT-B/16 from one pass (`cache --layers`) vs block 11 alone
-     (one forward pass) and vs three separate passes (after checking the outputs bitwise equal).
+     (one forward pass) and vs three separate passes (after checking the outputs bitwise equal); BENCH_LAYERS_BATCH
+     images a batch (default 8).
 
 Each time is the best of BENCH_REPS (2) repetitions after one warm-up, BENCH_STEP_REPS (1) for the SAE steps
 of section a; BENCH_THREADS sets torch's threads (default: all cores). Section d (peak memory) is benchmarks/memory.py.
@@ -233,7 +234,7 @@ def bench_extraction(batch: int = 8) -> None:
 
 
 # ---- e. several layers ------------------------------------------------------------------------------------------
-def bench_layers(batch: int = 8) -> None:
+def bench_layers(batch: int = int(os.environ.get("BENCH_LAYERS_BATCH", 8))) -> None:
     """Three blocks from one pass (`block_outputs`, what `cache --layers` runs) vs one block, and vs three
     separate passes; the three outputs are checked equal bitwise to single-block extraction first."""
     print(f"e. several layers, random-weight ViT-B/16, {batch} images of 224 px: blocks 11, 8, 5 of 12", flush=True)
