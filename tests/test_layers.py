@@ -127,6 +127,28 @@ def test_analyze_per_layer_does_not_overwrite(multi_run):
     a2 = json.loads((multi_run / "analysis" / "layer2" / "manifest.json").read_text())
     a0 = json.loads((multi_run / "analysis" / "layer0" / "manifest.json").read_text())
     assert (a2["layer"], a0["layer"]) == (2, 0) and a2["sae_sha256"] != a0["sae_sha256"]
+    from patchsae.stages.serve import open_explorer
+
+    ex = open_explorer(str(multi_run), None, 0)  # serve --layer 0 / report --layer 0
+    assert ex.layer == 0 and ex.manifest["sae_sha256"] == a0["sae_sha256"]
+    assert open_explorer(str(multi_run), None, None).layer == 2
+
+
+def test_complete_block_caches_are_kept(tiny, tmp_path):
+    """Adding a block to blocks already cached extracts only the new one; the old folder is left untouched."""
+    ds = FashionMNIST("test")
+    kw = dict(batch_size=BATCH, shard_images=SHARD, max_images=N_IMAGES, progress=False)
+    build_cache(tiny, ds, 0, tmp_path / "b0", **kw)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "b0").iterdir()}
+    calls = []
+    handle = tiny.blocks[2].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        build_caches(tiny, ds, [0, 1], [tmp_path / "b0", tmp_path / "b1"], **kw)
+    finally:
+        handle.remove()
+    assert calls == [] and {p.name: p.stat().st_mtime_ns for p in (tmp_path / "b0").iterdir()} == before
+    build_cache(tiny, ds, 1, tmp_path / "ref1", **kw)
+    assert _shard_bytes(tmp_path / "b1") == _shard_bytes(tmp_path / "ref1")
 
 
 def test_dry_run_budget_counts_every_block():
