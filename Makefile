@@ -45,7 +45,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	touch $@
 
 bench: setup $(VENV)/.bench-installed
-	$(PY) benchmarks/bench.py a b c
+	$(PY) benchmarks/bench.py a b c e
 	$(PY) benchmarks/memory.py
 
 # Generated hostile files for every loader (tests/test_fuzz.py, hypothesis profile `full`): 1,000 cases per test

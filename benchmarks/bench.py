@@ -9,6 +9,9 @@ ratios of implementations run side by side in this one process on the same data 
      and block 8 (of 12, the paper's numbering) vs a full forward with output_hidden_states (best of at least 5
      interleaved rounds).
   c. SAE training on the embedded model from the fp16 cache vs extracting activations on the fly.
+  e. Several layers: blocks 11, 8 and 5 of the same ViT-B/16 from one pass (`cache --layers`) vs block 11 alone
+     (one forward pass) and vs three separate passes (after checking the outputs bitwise equal); BENCH_LAYERS_BATCH
+     images a batch (default 8).
 
 Each time is the best of BENCH_REPS (2) repetitions after one warm-up, BENCH_STEP_REPS (1) for the SAE steps
 of section a; BENCH_THREADS sets torch's threads (default: all cores). Section d (peak memory) is benchmarks/memory.py.
@@ -230,6 +233,24 @@ def bench_extraction(batch: int = 8) -> None:
     print(f"  full forward {batch / t_full:.1f} images/s", flush=True)
 
 
+# ---- e. several layers ------------------------------------------------------------------------------------------
+def bench_layers(batch: int = int(os.environ.get("BENCH_LAYERS_BATCH", 8))) -> None:
+    """Three blocks from one pass (`block_outputs`, what `cache --layers` runs) vs one block, and vs three
+    separate passes; the three outputs are checked equal bitwise to single-block extraction first."""
+    print(f"e. several layers, random-weight ViT-B/16, {batch} images of 224 px: blocks 11, 8, 5 of 12", flush=True)
+    model = vit_b16()
+    px = torch.randn(batch, 3, 224, 224)
+    layers = [10, 7, 4]
+    assert all(torch.equal(a, model.block_output(px, L)) for a, L in zip(model.block_outputs(px, layers), layers))
+    runs = {"one block": lambda: model.block_output(px, 10), "three, one pass": lambda: model.block_outputs(px, layers),
+            "three passes": lambda: [model.block_output(px, L) for L in layers]}
+    times = interleaved_best(runs, max(REPS, 5))
+    row("e. several layers", "three blocks from one pass vs one block (one forward pass; target <= 1.05x)",
+        ratio(times["three, one pass"], times["one block"]))
+    row("e. several layers", "three separate passes vs three blocks from one pass",
+        ratio(times["three passes"], times["three, one pass"]))
+
+
 # ---- c. cache vs on the fly -----------------------------------------------------------------------------------
 def bench_cache_vs_on_the_fly(n_images: int = 2048, steps: int = 20) -> None:
     from patchsae.activations.cache import ActivationCache, build_cache
@@ -269,10 +290,10 @@ def bench_cache_vs_on_the_fly(n_images: int = 2048, steps: int = 20) -> None:
 
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
-    sections = sys.argv[1:] or ["a", "b", "c"]
+    sections = sys.argv[1:] or ["a", "b", "c", "e"]
     t0 = time.time()
     for s in sections:
-        {"a": bench_sae_step, "b": bench_extraction, "c": bench_cache_vs_on_the_fly}[s]()
+        {"a": bench_sae_step, "b": bench_extraction, "c": bench_cache_vs_on_the_fly, "e": bench_layers}[s]()
     print(f"\nbenchmark summary (python benchmarks/bench.py {' '.join(sections)}; {time.time() - t0:.0f} s, "
           f"{torch.get_num_threads()} threads; after a warm-up, best of {STEP_REPS} SAE steps, of {REPS} otherwise)")
     print(f"| section | comparison | ratio |\n|---|---|---|")

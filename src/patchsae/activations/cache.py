@@ -1,6 +1,7 @@
 """Extract once, train many times: a block's residual stream at every token, cached on disk.
 
-On-disk format (version "patchsae-activations/1"), one folder per (model, layer, dataset, split):
+On-disk format (version "patchsae-activations/1"), one folder per (model, layer, dataset, split); several blocks
+extracted together (`build_caches`) give one such folder each, from one forward pass per image:
   manifest.json            written last, atomically: model, layer, d_model, dataset, split, class_names,
                            token layout (kind of every token row), dtype, shards, image count, skipped images
   shard_NNNNN.npy          float16 array (images, tokens, d_model), NumPy .npy, memory-mappable
@@ -15,6 +16,7 @@ once every rank is done: the cache is the same file for file as a one-process ex
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from pathlib import Path
@@ -50,62 +52,89 @@ def build_cache(model: ClipModel, ds: LabelledImages, layer: int, out_dir: str |
                 dist: Dist = Dist()) -> dict:
     """Write the cache (or finish a killed extraction, or return an existing matching one); return manifest.
     Under torchrun every rank calls it with its `dist` and gets the manifest."""
-    out_dir = Path(out_dir)
-    ident = cache_identity(model, ds, layer, max_images)
-    manifest_file = out_dir / "manifest.json"
-    if manifest_file.exists():
-        return _check_identity(out_dir, _check_manifest(manifest_file, read_json_file(manifest_file, "cache manifest")),
-                               ident)
+    return build_caches(model, ds, [layer], [out_dir], batch_size, shard_images, max_images, progress, dist)[0]
+
+
+def build_caches(model: ClipModel, ds: LabelledImages, layers: list[int], out_dirs: list[str | Path],
+                 batch_size: int = 256, shard_images: int = 4096, max_images: int | None = None,
+                 progress: bool = True, dist: Dist = Dist()) -> list[dict]:
+    """`build_cache` for several blocks at once, block layers[i] into out_dirs[i]: every image runs once, up to
+    the deepest block still missing, and each folder is the same file for file as a one-block cache of its
+    block. Folders already complete are checked and kept."""
+    out_dirs = [Path(d) for d in out_dirs]
+    todo = []
+    for layer, out_dir in zip(layers, out_dirs):
+        ident = cache_identity(model, ds, layer, max_images)
+        if (out_dir / "manifest.json").exists():
+            manifest_file = out_dir / "manifest.json"
+            _check_identity(out_dir, _check_manifest(manifest_file, read_json_file(manifest_file, "cache manifest")),
+                            ident)
+        else:
+            todo.append((model.resolve_layer(layer), out_dir, ident))
+    if todo:
+        _extract(model, ds, todo, batch_size, shard_images, max_images, progress, dist)
+    return [read_json(out_dir / "manifest.json") for out_dir in out_dirs]
+
+
+def _extract(model: ClipModel, ds: LabelledImages, todo: list, batch_size: int, shard_images: int,
+             max_images: int | None, progress: bool, dist: Dist) -> None:
+    """Extract every (block, folder, identity) of `todo`, resuming each folder's done shards; then manifests."""
     check_not_empty(ds)
     n_total = min(len(ds), max_images) if max_images else len(ds)
-    plan = {**ident, "shard_images": shard_images, "n_total": n_total}
-    progress_file = out_dir / "progress.json"
-    if progress_file.exists() and read_json_file(progress_file, "extraction record") != plan:
-        raise PatchSAEError(f"{progress_file} belongs to another extraction; delete {out_dir} to start again")
-    dist.barrier()  # every rank has checked the plan before rank 0 may write it
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(progress_file, plan)
+    for _, out_dir, ident in todo:
+        plan = {**ident, "shard_images": shard_images, "n_total": n_total}
+        progress_file = out_dir / "progress.json"
+        if progress_file.exists() and read_json_file(progress_file, "extraction record") != plan:
+            raise PatchSAEError(f"{progress_file} belongs to another extraction; delete {out_dir} to start again")
+        dist.barrier()  # every rank has checked the plan before rank 0 may write it
+        if dist.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_json(progress_file, plan)
 
-    resolved = model.resolve_layer(layer)
     n_shards = -(-n_total // shard_images)
     for k in range(dist.rank, n_shards, dist.world):
-        if not (out_dir / f"shard_{k:05d}.done.json").exists():
-            _extract_shard(model, ds, resolved, out_dir, k, range(k * shard_images, min((k + 1) * shard_images, n_total)),
+        missing = [(layer, out_dir) for layer, out_dir, _ in todo
+                   if not (out_dir / f"shard_{k:05d}.done.json").exists()]
+        if missing:
+            _extract_shard(model, ds, missing, k, range(k * shard_images, min((k + 1) * shard_images, n_total)),
                            batch_size, f"cache {ds.split} shard {k + 1}/{n_shards}" if progress and dist.is_main else None)
     dist.barrier()
     if dist.is_main:
-        _write_manifest(model, ds, ident, out_dir, n_shards)
+        for _, out_dir, ident in todo:
+            _write_manifest(model, ds, ident, out_dir, n_shards)
     dist.barrier()
-    return read_json(manifest_file)
 
 
-def _extract_shard(model: ClipModel, ds: LabelledImages, layer: int, out_dir: Path, k: int, order: range,
+def _extract_shard(model: ClipModel, ds: LabelledImages, targets: list[tuple[int, Path]], k: int, order: range,
                    batch_size: int, desc: str | None) -> None:
-    """Shard k's arrays, then its done-record (the mark that the shard is complete). Activations go straight
-    into a memory-mapped file, so memory holds one batch, not the shard (1.2 GB at ViT-B/16 x 4,096 images)."""
+    """Shard k's arrays in each (block, folder) of `targets`, then its done-records (the mark that the shard is
+    complete). Activations go straight into memory-mapped files, so memory holds one batch, not the shard (1.2 GB
+    at ViT-B/16 x 4,096 images per block)."""
     name, skips, index, n = f"shard_{k:05d}", SkipLog(), [], 0
-    final = out_dir / f"{name}.npy"
-    with atomic_path(final) as tmp:
-        acts = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                         shape=(len(order), model.layout().n_tokens, model.d_model))
+    layers, finals = [layer for layer, _ in targets], [out_dir / f"{name}.npy" for _, out_dir in targets]
+    shape = (len(order), model.layout().n_tokens, model.d_model)
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(atomic_path(final)) for final in finals]
+        acts = [np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape) for tmp in tmps]
         for pixels, labels, idx in iter_batches(ds, model.preprocess, batch_size, order, skips, desc):
-            h_BTD = model.block_output(pixels, layer)
-            if not torch.isfinite(h_BTD).all():
-                raise PatchSAEError(f"non-finite activations for images {idx[:5].tolist()}... of {ds.name}")
-            acts[n: n + len(h_BTD)] = h_BTD.to(torch.float16).cpu().numpy()
+            for a, h_BTD in zip(acts, model.block_outputs(pixels, layers)):
+                if not torch.isfinite(h_BTD).all():
+                    raise PatchSAEError(f"non-finite activations for images {idx[:5].tolist()}... of {ds.name}")
+                a[n: n + len(h_BTD)] = h_BTD.to(torch.float16).cpu().numpy()
             index.append(np.stack([idx.numpy(), labels.numpy()], 1))
-            n += len(h_BTD)
-        acts.flush()
-        del acts
-    if n < len(order):  # unreadable images were skipped: keep only the rows written
+            n += len(labels)
+        for a in acts:
+            a.flush()
+        del a, acts  # the memory maps must be closed before their files are renamed
+    for (_, out_dir), final in zip(targets, finals):
+        if n < len(order):  # unreadable images were skipped: keep only the rows written
+            if n:
+                _save_npy(final, np.array(np.load(final, mmap_mode="r")[:n]))
+            else:
+                final.unlink()
         if n:
-            _save_npy(final, np.array(np.load(final, mmap_mode="r")[:n]))
-        else:
-            final.unlink()
-    if n:
-        _save_npy(out_dir / f"{name}.index.npy", np.concatenate(index).astype(np.int64))
-    write_json(out_dir / f"{name}.done.json", {"n_images": n, "skipped": [[i, r] for i, r in skips.skipped]})
+            _save_npy(out_dir / f"{name}.index.npy", np.concatenate(index).astype(np.int64))
+        write_json(out_dir / f"{name}.done.json", {"n_images": n, "skipped": [[i, r] for i, r in skips.skipped]})
 
 
 def _write_manifest(model: ClipModel, ds: LabelledImages, ident: dict, out_dir: Path, n_shards: int) -> None:

@@ -102,6 +102,11 @@ class Backbone(ABC):
         """Residual stream after block `layer` at every token, (batch, tokens, d_model); the blocks above are
         never run (early exit)."""
 
+    def block_outputs(self, pixels_BCHW: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
+        """`block_output` at each of `layers`; a backbone that can keep every block's output from one pass
+        overrides this (extracting several layers then costs one forward pass)."""
+        return [self.block_output(pixels_BCHW, layer) for layer in layers]
+
     @abstractmethod
     def finish_from(self, h_BTD: torch.Tensor, layer: int) -> torch.Tensor:
         """Image features computed from the residual stream after block `layer` (the rest of the tower, its

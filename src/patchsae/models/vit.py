@@ -54,6 +54,17 @@ class HFViT(Backbone):
     def block_output(self, pixels_BCHW: torch.Tensor, layer: int = -2) -> torch.Tensor:
         return self._run_blocks(self._embed(pixels_BCHW), 0, self.resolve_layer(layer) + 1)
 
+    @torch.no_grad()
+    def block_outputs(self, pixels_BCHW: torch.Tensor, layers: Sequence[int]) -> list[torch.Tensor]:
+        """One pass up to the deepest block, keeping each block's output on the way: the same operations as
+        `block_output` per layer, so the results are bitwise equal to it."""
+        resolved = [self.resolve_layer(layer) for layer in layers]
+        h_BTD, done, kept = self._embed(pixels_BCHW), 0, {}
+        for stop in sorted(set(resolved)):
+            h_BTD, done = self._run_blocks(h_BTD, done, stop + 1), stop + 1
+            kept[stop] = h_BTD
+        return [kept[layer] for layer in resolved]
+
     def _finish(self, h_BTD: torch.Tensor, start: int) -> torch.Tensor:
         return self._pool(self._run_blocks(h_BTD, start, self.n_layers))
 

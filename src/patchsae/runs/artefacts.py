@@ -26,6 +26,8 @@ def open_run(run: Run):
     from patchsae.models.load import load_model
     from patchsae.sae.checkpoint import load_sae
 
+    if run.layer is None and run.hooked_layers() is not None:
+        raise PatchSAEError(f"{run.path} hooks several blocks {run.hooked_layers()}: open it at one (Run.at, --layer)")
     cfg = run.load_config()
     model = load_model(cfg.model, cfg.device, act=cfg.act)
     layer = model.resolve_layer(cfg.layer)

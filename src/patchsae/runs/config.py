@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from patchsae import PatchSAEError
 from patchsae.options import opt
 
 MODEL_HELP = ("model to open: 'embedded' (default), a local Hugging Face CLIP, SigLIP or DINOv2 folder, a hub id "
@@ -29,6 +30,9 @@ class RunConfig:
     eval_split: str = opt("test", "held-out split for evaluation", show_default=False)
     layer: int = opt(-2, "block whose output (residual stream) is hooked; negative counts from the end (-2 = paper)",
                      show_default=False)
+    layers: tuple[str, ...] | None = opt(
+        None, "several blocks from one forward pass (e.g. -2 -5 -8, or all): one cache and one SAE per block, "
+        "stored under layer<L>/ (docs/formats.md); replaces --layer", metavar="L", show_default=False)
     tokens: str = opt("all", "tokens to train on: all (CLS + patches, the paper), patch, cls, register (DINOv2's "
                       "register tokens) or all+register; register tokens are kept apart unless named",
                       show_default=False, choices=("all", "patch", "cls", "register", "all+register"))
@@ -55,8 +59,44 @@ class RunConfig:
     device: str = opt("cpu", "cpu or cuda", show_default=False)
     batch_images: int = opt(256, "images per forward pass when extracting", show_default=False)
 
+    def __post_init__(self):
+        if self.layers is not None:  # one spelling, so a config read back from JSON equals the one given
+            object.__setattr__(self, "layers", normalise_layers(self.layers))
+
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.layers is None:  # single-layer runs keep today's config.json
+            del out["layers"]
+        return out
+
+
+def normalise_layers(layers) -> tuple[str, ...]:
+    """--layers as given -> ('all',) or block indices as strings ('-2', '10'); one clear line for anything else."""
+    items = tuple(str(x).strip() for x in layers)
+    if items == ("all",):
+        return items
+    try:
+        return tuple(str(int(x)) for x in items) if items else ()
+    except ValueError:
+        raise PatchSAEError(f"--layers takes block indices (e.g. -2 -5 -8) or 'all', not {' '.join(items)!r}"
+                            ) from None
+
+
+def resolve_layers(cfg: RunConfig, n_blocks: int) -> list[int]:
+    """The run's hooked blocks as indices 0..n_blocks-1, in the order given, each once: --layers if given, else
+    --layer alone."""
+    given = ([str(cfg.layer)] if cfg.layers is None else
+             [str(i) for i in range(n_blocks)] if cfg.layers == ("all",) else list(cfg.layers))
+    if not given:
+        raise PatchSAEError("--layers needs at least one block index (or 'all')")
+    out: list[int] = []
+    for x in map(int, given):
+        if not -n_blocks <= x < n_blocks:
+            raise PatchSAEError(f"layer {x} does not exist: the model has {n_blocks} blocks "
+                                f"(valid: {-n_blocks}..{n_blocks - 1})")
+        if x % n_blocks not in out:
+            out.append(x % n_blocks)
+    return out
 
 
 # What the quickstart uses on the embedded model, chosen by the sweep in docs (scripts/sweep_embedded.py): TopK

@@ -53,6 +53,7 @@ def budget(cfg: RunConfig) -> dict:
     """Tokens, bytes and steps of a run, from the shape table and the registry (no model, no network)."""
     from patchsae.activations.tokens import token_positions
     from patchsae.data.registry import lookup
+    from patchsae.runs.config import resolve_layers
 
     shape = MODEL_SHAPES.get(cfg.model)
     if shape is None:
@@ -67,9 +68,10 @@ def budget(cfg: RunConfig) -> dict:
     trained_tokens = int(cfg.epochs * images * per_image)
     d_sae = cfg.expansion * shape.d_model
     params = 2 * shape.d_model * d_sae + d_sae + shape.d_model
-    return {"d_model": shape.d_model, "n_blocks": shape.n_blocks, "hooked_block": cfg.layer % shape.n_blocks,
+    blocks = resolve_layers(cfg, shape.n_blocks)  # --layers: one cache and one SAE per block
+    return {"d_model": shape.d_model, "n_blocks": shape.n_blocks, "hooked_block": blocks[0], "blocks": blocks,
             "tokens_per_image": shape.tokens, "images": images, "cached_tokens": cached_tokens,
-            "cache_bytes_fp16": cached_tokens * shape.d_model * 2, "trained_tokens": trained_tokens,
+            "cache_bytes_fp16": cached_tokens * shape.d_model * 2 * len(blocks), "trained_tokens": trained_tokens,
             "d_sae": d_sae, "sae_params": params, "sae_bytes_fp32": params * 4,
             "sae_adam_bytes_fp32": 3 * params * 4, "batch_tokens": cfg.batch_tokens,
             "images_per_step": cfg.batch_tokens / shape.tokens,
@@ -93,7 +95,9 @@ def format_dry_run(cfg: RunConfig, b: dict) -> str:
     lines = ["resolved configuration:", json.dumps(cfg.to_json(), indent=2), "budget:",
              f"  model shape          width {b['d_model']}, {b['n_blocks']} blocks, {b['tokens_per_image']} "
              f"tokens per image; hooked block index {b['hooked_block']} "
-             f"(block {b['hooked_block'] + 1} of {b['n_blocks']})",
+             f"(block {b['hooked_block'] + 1} of {b['n_blocks']})"
+             + (f"; all hooked: {b['blocks']}, one cache and one SAE each (below: the cache of all blocks together; SAE, tokens and steps per block)"
+                if len(b["blocks"]) > 1 else ""),
              f"  images               {b['images']:,}",
              f"  cached tokens        {b['cached_tokens']:,} (images x {b['tokens_per_image']})",
              f"  cache (fp16)         {_gb(b['cache_bytes_fp16'])}",

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 
 from patchsae.options import opt
 from patchsae.runs import Run
+from patchsae.stages.setup import LayerChoice, layer_run
 from patchsae.stages.adapt import TRAINING, AdaptOptions, adapt_seeds
 from patchsae.stages.compare import CompareOptions, compare_adapted
 
@@ -52,7 +53,7 @@ class StudyOptions:
     compare: CompareOptions = opt(STUDY_COMPARE, "the comparison of each scenario", cli=False)
 
 
-OPTIONS = (StudyOptions, (AdaptOptions, TRAINING))
+OPTIONS = (StudyOptions, (AdaptOptions, TRAINING), LayerChoice)
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ def cli(args) -> None:
 
     base = StudyOptions()
     opts = replace(base, **given(args, StudyOptions), adapt=replace(base.adapt, **given(args, AdaptOptions, TRAINING)))
-    report = run(Run(args.run), opts)
+    run_ = layer_run(args)
+    report = run(run_, opts)
     print(format_study(report))
-    print(f"wrote {Run(args.run).adapt_study_dir}")
+    print(f"wrote {run_.adapt_study_dir}")

@@ -24,6 +24,7 @@ from patchsae.analysis.latents import LOW_ENTROPY
 from patchsae.data.base import SkipLog
 from patchsae.options import opt
 from patchsae.runs import Run
+from patchsae.stages.setup import LayerChoice, layer_run
 from patchsae.runs.artefacts import open_run, open_run_dataset, read_analysis, sae_identity
 from patchsae.utils import atomic_path, csv_text, write_json, write_safetensors
 
@@ -67,7 +68,7 @@ class PatchMapOptions:
     patch: tuple[int, int] | None = opt(None, "also rank latents of this patch", metavar=("ROW", "COL"))
 
 
-OPTIONS = (AnalyzeOptions, PatchMapOptions)
+OPTIONS = (AnalyzeOptions, PatchMapOptions, LayerChoice)
 
 
 @dataclass(frozen=True)
@@ -284,7 +285,7 @@ def patch_map_report(run: Run, image: str, latent: int | None = None, patch: tup
 def cli(args) -> None:
     from patchsae.cli import given
 
-    run_ = Run(args.run)
+    run_ = layer_run(args)
     pm = PatchMapOptions(**given(args, PatchMapOptions))
     opts = AnalyzeOptions(**given(args, AnalyzeOptions))
     if pm.image is not None:

@@ -16,6 +16,7 @@ from patchsae import PatchSAEError
 from patchsae.analysis.rankings import K_GRID
 from patchsae.options import opt
 from patchsae.runs import Run
+from patchsae.stages.setup import LayerChoice, layer_run
 
 NAME = "classify"
 HELP = ("top-k masking: accuracy with only the top-k latents kept (or removed), ranked by class / dataset / random; "
@@ -38,7 +39,7 @@ class ClassifyOptions:
     batch_size: int = opt(256, "images per forward pass")
 
 
-OPTIONS = (ClassifyOptions,)
+OPTIONS = (ClassifyOptions, LayerChoice)
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,6 @@ def format_report(report: ClassifyReport) -> str:
 def cli(args) -> None:
     from patchsae.cli import given
 
-    run_ = Run(args.run)
+    run_ = layer_run(args)
     print(format_report(run(run_, ClassifyOptions(**given(args, ClassifyOptions)))))
     print(f"wrote {run_.classify_dir / 'metrics.csv'} and {run_.figures_dir / 'masking_accuracy.png'}")

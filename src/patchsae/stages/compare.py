@@ -26,6 +26,7 @@ import torch
 from patchsae import PatchSAEError
 from patchsae.options import opt
 from patchsae.runs import Run
+from patchsae.stages.setup import LayerChoice, layer_run
 from patchsae.runs.config import DATASET_PATH_HELP
 
 NAME = "compare"
@@ -62,7 +63,7 @@ class CompareOptions:
     name: str | None = opt(None, "output folder under DIR/compare (default: the prompts folder's name)", cli=False)
 
 
-OPTIONS = (Adapted, CompareOptions)
+OPTIONS = (Adapted, CompareOptions, LayerChoice)
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,6 @@ def format_report(r: CompareReport) -> str:
 def cli(args) -> None:
     from patchsae.cli import given
 
-    report = run(Run(args.run), args.adapted, CompareOptions(**given(args, CompareOptions)))
+    report = run(layer_run(args), args.adapted, CompareOptions(**given(args, CompareOptions)))
     print(format_report(report))
     print(f"wrote {report.out}")

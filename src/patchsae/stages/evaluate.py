@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 from patchsae.options import opt
 from patchsae.runs import Run
-from patchsae.stages.setup import model_for
+from patchsae.stages.setup import LayerChoice, layer_run, model_for
 
 NAME = "evaluate"
 HELP = ("held-out MSE, explained variance, L0, dead latents, zero-shot accuracy original / SAE-spliced / "
@@ -23,7 +23,7 @@ class EvaluateOptions:
                              "(the reference's 128; 0 skips the contrastive losses)")
 
 
-OPTIONS = (EvaluateOptions,)
+OPTIONS = (EvaluateOptions, LayerChoice)
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,35 @@ def _track(run: Run, report: EvalMetrics, sae_meta: dict) -> None:
     tracker.close()
 
 
+def run_layers(run_: Run, progress: bool = True, cl_batch_size: int = 128) -> list[tuple[int, EvalMetrics]]:
+    """Every block of a multi-layer run, the model opened once; also written as a table (Run.eval_layers_file)."""
+    from patchsae.utils import atomic_path
+
+    views = run_.layer_runs()
+    model = model_for(views[0].load_config())
+    rows = [(v.layer, run(v, model, progress, cl_batch_size)) for v in views]
+    with atomic_path(run_.eval_layers_file) as tmp:
+        tmp.write_text(format_layers(rows) + "\n")
+    return rows
+
+
+def format_layers(rows: list[tuple[int, EvalMetrics]]) -> str:
+    """One line per block: explained variance, L0, dead latents, zero-shot accuracy original and spliced."""
+    lines = ["| block | explained variance | L0 per token | dead latents | zero-shot accuracy | spliced accuracy |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for layer, m in rows:
+        lines.append(f"| {layer} | {m.explained_variance:.3f} | {m.l0_per_token:.1f} | {m.dead_fraction:.1%} | "
+                     f"{m.zero_shot_accuracy:.3f} | {m.spliced_accuracy:.3f} |")
+    return "\n".join(lines)
+
+
 def cli(args) -> None:
     from patchsae.cli import given
 
     opts = EvaluateOptions(**given(args, EvaluateOptions))
-    print(json.dumps(run(Run(args.run), cl_batch_size=opts.cl_batch_size).to_json(), indent=2))
+    if getattr(args, "layer", None) is None and Run(args.run).hooked_layers() is not None:
+        rows = run_layers(Run(args.run), cl_batch_size=opts.cl_batch_size)
+        print(format_layers(rows))
+        print(f"wrote {Run(args.run).eval_layers_file} and each block's eval/layer<L>/metrics.json")
+        return
+    print(json.dumps(run(layer_run(args), cl_batch_size=opts.cl_batch_size).to_json(), indent=2))

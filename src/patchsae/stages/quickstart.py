@@ -85,8 +85,9 @@ def run(run_: Run, cfg: RunConfig, overrides: dict, progress: bool = True, cl_ba
     print("[2/3] training the SAE", file=sys.stderr)
     train.run(run_, progress, log=log)
     print(f"[3/3] evaluating on {cfg.dataset}/{cfg.eval_split}", file=sys.stderr)
-    metrics = evaluate.run(run_, model, progress, cl_batch_size)
-    summary = write_summary(run_, metrics, time.time() - t0, model)
+    first = run_.at(None)  # a multi-layer run (--layers) is summarised at its first block
+    metrics = evaluate.run(first, model, progress, cl_batch_size)
+    summary = write_summary(first, metrics, time.time() - t0, model)
     if summary.explained_variance is None:
         raise PatchSAEError("evaluation produced no explained variance")
     return summary

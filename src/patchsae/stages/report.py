@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from patchsae import PatchSAEError
 from patchsae.options import opt
+from patchsae.stages.setup import LayerChoice
 from patchsae.stages.serve import ExplorerOptions, open_explorer
 
 NAME = "report"
@@ -21,7 +22,7 @@ class ReportOptions:
     class_top: int = opt(5, "each class's top latents by class-level count, which get pages too")
 
 
-OPTIONS = (ExplorerOptions, ReportOptions)
+OPTIONS = (ExplorerOptions, ReportOptions, LayerChoice)
 
 
 def cli(args) -> None:
@@ -31,6 +32,6 @@ def cli(args) -> None:
     o = ReportOptions(**given(args, ReportOptions))
     if o.top < 1 or o.class_top < 0:
         raise PatchSAEError(f"--top must be at least 1 and --class-top at least 0, not {o.top}, {o.class_top}")
-    info = write_report(open_explorer(args.run, getattr(args, "adapted", None)), o.out, o.top, o.class_top)
+    info = write_report(open_explorer(args.run, getattr(args, "adapted", None), getattr(args, "layer", None)), o.out, o.top, o.class_top)
     print(f"wrote {info['latent_pages']} latent pages, {info['class_pages']} class pages and "
           f"{info['images']} images to {o.out}; open {info['index']}")

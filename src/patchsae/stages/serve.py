@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from patchsae import PatchSAEError
 from patchsae.options import opt
+from patchsae.stages.setup import LayerChoice
 
 NAME = "serve"
 HELP = ("explore the run's concepts in a browser: top latents of an uploaded image and of each patch, heatmaps, "
@@ -26,10 +27,10 @@ class ServeOptions:
     max_upload_mb: float = opt(10.0, "largest accepted upload in MB")
 
 
-OPTIONS = (ExplorerOptions, ServeOptions)
+OPTIONS = (ExplorerOptions, ServeOptions, LayerChoice)
 
 
-def open_explorer(run_path: str, adapted: str | None):
+def open_explorer(run_path: str, adapted: str | None, layer: int | None = None):
     """The run opened for exploring; with `adapted`, the adapted model (MaPLe prompts) beside its CLIP."""
     from patchsae.explorer.session import Explorer
     from patchsae.runs import Run
@@ -39,7 +40,7 @@ def open_explorer(run_path: str, adapted: str | None):
         from patchsae.models.maple import load_adapted
 
         adapt = lambda clip: load_adapted(clip, adapted)  # noqa: E731
-    return Explorer(Run(run_path), adapt)
+    return Explorer(Run(run_path).at(layer), adapt)
 
 
 def cli(args) -> None:
@@ -50,7 +51,7 @@ def cli(args) -> None:
     if o.max_upload_mb <= 0:
         raise PatchSAEError(f"--max-upload-mb must be positive, not {o.max_upload_mb}")
     check_listen(o.host, o.port)
-    explorer = open_explorer(args.run, getattr(args, "adapted", None))
+    explorer = open_explorer(args.run, getattr(args, "adapted", None), getattr(args, "layer", None))
     host = f"[{o.host}]" if ":" in o.host else o.host
     print(f"patchsae explorer for {args.run} on http://{host}:{o.port}/  (Ctrl-C stops it)", flush=True)
     serve(explorer, o.host, o.port, int(o.max_upload_mb * 2**20))

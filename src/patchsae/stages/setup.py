@@ -62,3 +62,16 @@ def model_for(cfg: RunConfig, dist=None):
     from patchsae.models.load import load_model
 
     return load_model(cfg.model, (dist or Dist()).device(cfg.device), act=cfg.act)
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """Which block of a multi-layer run a stage works on (`cache --layers`)."""
+
+    layer: int | None = opt(None, "block of a multi-layer run to use, as given to --layers (default: the run's "
+                            "first); a single-layer run takes only its own block", metavar="L")
+
+
+def layer_run(args) -> Run:
+    """The run at the block --layer chose (the run itself when it hooks one block)."""
+    return Run(args.run).at(getattr(args, "layer", None))

@@ -42,7 +42,17 @@ def run(run: Run, progress: bool = True, on_the_fly: bool = False, dist: Dist = 
         log: str = "none") -> TrainReport:
     """Train on the run's cache, or (on_the_fly) extract activations for every step with no cache. Under
     torchrun (`dist`), every rank trains on its slice of each global batch of the cache. `log` names the
-    tracker that receives the training curves (and, through DIR/logs/tracker.json, evaluate's metrics)."""
+    tracker that receives the training curves (and, through DIR/logs/tracker.json, evaluate's metrics). A
+    multi-layer run trains one SAE per block, each with the same recipe; the report is the first block's."""
+    views = run.layer_runs() if run.layer is None else [run]
+    if len(views) > 1 and on_the_fly:
+        raise PatchSAEError("--on-the-fly trains one block; a multi-layer run trains from its caches")
+    if run.layer is None and run.load_config().layers is not None and run.hooked_layers() is None:
+        raise PatchSAEError(f"{run.path} hooks several blocks: run `patchsae cache --run {run.path}` first")
+    return [_train_one(v, progress, on_the_fly, dist, log) for v in views][0]
+
+
+def _train_one(run: Run, progress: bool, on_the_fly: bool, dist: Dist, log: str) -> TrainReport:
     from patchsae.activations.cache import ActivationCache
     from patchsae.activations.tokens import CachedTokens, StreamedTokens
     from patchsae.sae.model import SAEConfig
@@ -117,5 +127,6 @@ def cli(args) -> None:
     run_, dist = init_run(args)
     r = run(run_, on_the_fly=getattr(args, "on_the_fly", False), dist=dist, log=getattr(args, "log", "none"))
     if dist.is_main:
-        c = r.sae.cfg
-        print(f"trained SAE {c.d_model} -> {c.d_sae} ({c.arch}, {c.objective} objective) in {r.folder}")
+        for v in run_.layer_runs():
+            c = r.sae.cfg
+            print(f"trained SAE {c.d_model} -> {c.d_sae} ({c.arch}, {c.objective} objective) in {v.sae_dir}")
