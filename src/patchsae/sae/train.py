@@ -58,9 +58,10 @@ class TrainConfig:
 
 
 def make_optimizer(sae: SAE, lr: float) -> torch.optim.Adam:
-    """Adam, multi-tensor (foreach) implementation. The fused kernel is faster on CPU but, with torch 2.13, a
-    run resumed from a checkpoint did not continue exactly as the uninterrupted one (tests/test_train.py)."""
-    return torch.optim.Adam(sae.parameters(), lr=lr, foreach=True)
+    """Adam with PyTorch's fused kernel (one pass over each parameter, its gradient and both moments; about
+    half the time of the multi-tensor version on CPU at 768 -> 49,152). Exact resume relies on
+    sae.checkpoint restoring the moments in each parameter's own memory layout."""
+    return torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
 
 
 def _lr_factor(step: int, warmup: int) -> float:
