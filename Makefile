@@ -47,6 +47,8 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 bench: setup $(VENV)/.bench-installed
 	$(PY) benchmarks/bench.py a b c
 	$(PY) benchmarks/memory.py
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then $(PY) benchmarks/gpu.py; \
+	else echo "no CUDA device: benchmarks/gpu.py (the GPU section) skipped"; fi
 
 clean:
 	rm -rf $(VENV) runs

@@ -64,18 +64,18 @@ def row(section: str, key: str, what: str, value: float | None, times: bool = Tr
     print(f"  {what:<58} {text}", flush=True)
 
 
-def write_results(sections: list[str], seconds: float) -> None:
+def write_results(label: str, seconds: float, extra: dict | None = None) -> None:
     """Merge this run's ratios into runs/bench/results.json (benchmarks/gpu.py adds its own keys there), with
     what they were measured under: a key keeps its last measured value."""
     from patchsae.utils import read_json, write_json
 
     old = read_json(RESULTS_FILE) if RESULTS_FILE.exists() else {}
-    meta = {"sections": sections, "seconds": round(seconds), "threads": torch.get_num_threads(),
+    meta = {**(extra or {}), "seconds": round(seconds), "threads": torch.get_num_threads(),
             "load_average": list(os.getloadavg()), "torch": torch.__version__, "d_sae": D_SAE, "tokens": TOKENS,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS_FILE, {"ratios": {**old.get("ratios", {}), **RESULTS},
-                              "runs": {**old.get("runs", {}), "bench.py " + " ".join(sections): meta}})
+                              "runs": {**old.get("runs", {}), label: meta}})
     print(f"ratios written to {RESULTS_FILE}")
 
 
@@ -106,7 +106,7 @@ def our_sae(arch: str, x: torch.Tensor, l0: int | None = None) -> SAE:
 
 def ours(sae: SAE, x: torch.Tensor):
     opt = make_optimizer(sae, LR)
-    since = torch.zeros(D_SAE, dtype=torch.long)
+    since = torch.zeros(D_SAE, dtype=torch.long, device=x.device)
     return lambda: train_step(sae, opt, x, since)
 
 
@@ -123,12 +123,13 @@ def saelens(arch: str, x: torch.Tensor, sparse: bool = False, weights: SAE | Non
     else:
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_MODEL, d_sae=D_SAE, k=K, use_sparse_activations=sparse))
         coeffs = {}
+    sae = sae.to(x.device)
     if weights is not None:  # the very same function as ours: same codes, same sparsity
         with torch.no_grad():
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
                 getattr(sae, name).copy_(getattr(weights, name))
     opt = torch.optim.Adam(sae.parameters(), lr=LR)
-    since = torch.zeros(D_SAE)
+    since = torch.zeros(D_SAE, device=x.device)
     state = {"step": 0}
 
     def step():
@@ -323,7 +324,7 @@ def main() -> None:
     t0 = time.time()
     for s in sections:
         {"a": bench_sae_step, "b": bench_extraction, "c": bench_cache_vs_on_the_fly}[s]()
-    write_results(sections, time.time() - t0)
+    write_results("bench.py " + " ".join(sections), time.time() - t0)
     print(f"\nbenchmark summary (python benchmarks/bench.py {' '.join(sections)}; {time.time() - t0:.0f} s, "
           f"{torch.get_num_threads()} threads; after a warm-up, best of {STEP_REPS} SAE steps, of {REPS} otherwise)")
     print(f"| section | comparison | ratio |\n|---|---|---|")
