@@ -232,7 +232,7 @@ def bench_topk_kernels(x: torch.Tensor) -> None:
         return torch.sparse.mm(g_NS.t(), xc)
 
     times = interleaved_best({"grouped": lambda: topk_rows(pre, K), "torch.topk": lambda: pre.topk(K, sorted=False),
-                              "bags": lambda: latent_sums(idx, g, xc, D_SAE), "coo": coo}, max(REPS, 3))
+                              "bags": lambda: latent_sums(idx, g, None, xc, D_SAE), "coo": coo}, max(REPS, 3))
     print("  " + ", ".join(f"{k} {v:.3f} s" for k, v in times.items()), flush=True)
     row("a. SAE step", "topk_select_vs_torch_topk", f"top-{K} of {D_SAE:,} per token: grouped vs torch.topk",
         times["torch.topk"] / times["grouped"])

@@ -63,10 +63,15 @@ def test_latent_sums_equal_the_dense_product(k, d_sae):
     w = torch.randn(n, k, generator=g)
     rows = torch.randn(n, d, generator=g)
     dense_NS = torch.zeros(n, d_sae).scatter_add_(1, idx, w)
-    out = latent_sums(idx, w, rows, d_sae)
+    out = latent_sums(idx, w, None, rows, d_sae)
     assert out.shape == (d_sae, d)
     torch.testing.assert_close(out, dense_NS.t() @ rows, atol=1e-5, rtol=1e-5)
     unused = torch.ones(d_sae, dtype=torch.bool)
     unused[idx.reshape(-1)] = False
     assert torch.equal(out[unused], torch.zeros(int(unused.sum()), d))
-    assert torch.equal(out, latent_sums(idx, w, rows, d_sae))  # deterministic
+    assert torch.equal(out, latent_sums(idx, w, None, rows, d_sae))  # deterministic
+    # the same pairs given flat, in a shuffled order, with their token rows (the ReLU sparse path's form)
+    perm = torch.randperm(n * k, generator=g)
+    tok = torch.arange(n).repeat_interleave(k)
+    flat = latent_sums(idx.reshape(-1)[perm], w.reshape(-1)[perm], tok[perm], rows, d_sae)
+    torch.testing.assert_close(flat, out, atol=1e-5, rtol=1e-5)

@@ -36,13 +36,19 @@ def topk_rows(pre_NS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return vals_NK, cols_NC.gather(1, j_NK)
 
 
-def latent_sums(idx_NK: torch.Tensor, w_NK: torch.Tensor, rows_ND: torch.Tensor, d_sae: int) -> torch.Tensor:
-    """out_SD[s] = sum over (n, j) with idx_NK[n, j] == s of w_NK[n, j] * rows_ND[n]; zero rows for latents
-    no token selected. Deterministic (a stable sort fixes the summation order)."""
-    n, k = idx_NK.shape
-    flat = idx_NK.reshape(-1)
-    order = flat.argsort(stable=True)
-    counts_S = torch.bincount(flat, minlength=d_sae)
+def latent_sums(cols_P: torch.Tensor, w_P: torch.Tensor, rows_P: torch.Tensor | None, x_ND: torch.Tensor,
+                d_sae: int) -> torch.Tensor:
+    """out_SD[s] = sum over pairs p with cols_P[p] == s of w_P[p] * x_ND[rows_P[p]]; zero rows for latents no
+    pair names. Pairs are flat (any shape, flattened); rows_P None means k = cols_P.numel() / len(x_ND) pairs
+    per token in token order (a TopK selection, cols_P of shape (tokens, k)). Deterministic: a stable sort
+    fixes the summation order."""
+    cols = cols_P.reshape(-1)
+    order = cols.argsort(stable=True)
+    if rows_P is None:
+        rows = torch.div(order, cols.numel() // max(1, len(x_ND)), rounding_mode="floor")
+    else:
+        rows = rows_P.reshape(-1)[order]
+    counts_S = torch.bincount(cols, minlength=d_sae)
     offsets_S = counts_S.cumsum(0) - counts_S
-    return F.embedding_bag(torch.div(order, k, rounding_mode="floor"), rows_ND, offsets_S,
-                           per_sample_weights=w_NK.reshape(-1)[order].to(rows_ND.dtype), mode="sum")
+    return F.embedding_bag(rows, x_ND, offsets_S, per_sample_weights=w_P.reshape(-1)[order].to(x_ND.dtype),
+                           mode="sum")
