@@ -2,7 +2,8 @@
 
 On-disk format (version "patchsae-activations/1"), one folder per (model, layer, dataset, split):
   manifest.json            written last, atomically: model, layer, d_model, dataset, split, class_names,
-                           token layout (kind of every token row), dtype, shards, image count, skipped images
+                           token layout (kind of every token row), dtype, shards, image count, skipped images,
+                           the forward's precision ("extract_dtype": fp32, bf16 or fp16; absent = fp32)
   shard_NNNNN.npy          float16 array (images, tokens, d_model), NumPy .npy, memory-mappable
   shard_NNNNN.index.npy    int64 array (images, 2): dataset index and label of each row
   progress.json            while extraction runs: what is being extracted (shard size, image count)
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from patchsae import PatchSAEError
+from patchsae.activations.precision import autocast, check_dtype
 from patchsae.data.base import LabelledImages, SkipLog, check_not_empty, iter_batches
 from patchsae.dist import Dist
 from patchsae.models.clip import ClipModel
@@ -30,25 +32,31 @@ from patchsae.utils import atomic_path, read_json, write_json
 FORMAT = "patchsae-activations/1"
 
 
-def cache_identity(model: ClipModel, ds: LabelledImages, layer: int, max_images: int | None) -> dict:
+IDENTITY_DEFAULTS = {"extract_dtype": "fp32"}  # what a manifest written before the key existed holds
+
+
+def cache_identity(model: ClipModel, ds: LabelledImages, layer: int, max_images: int | None,
+                   dtype: str = "fp32") -> dict:
     return {"format": FORMAT, "model": model.name, "layer": model.resolve_layer(layer), "d_model": model.d_model,
-            "dataset": ds.name, "split": ds.split, "max_images": max_images}
+            "dataset": ds.name, "split": ds.split, "max_images": max_images, "extract_dtype": check_dtype(dtype)}
 
 
 def _check_identity(out_dir: Path, manifest: dict, ident: dict) -> dict:
-    if {k: manifest.get(k) for k in ident} != ident:
+    if {k: manifest.get(k, IDENTITY_DEFAULTS.get(k)) for k in ident} != ident:
         raise PatchSAEError(f"{out_dir} holds a cache of something else ({manifest['model']}, layer "
-                            f"{manifest['layer']}, {manifest['dataset']}/{manifest['split']}); use another run directory")
+                            f"{manifest['layer']}, {manifest['dataset']}/{manifest['split']}, forward in "
+                            f"{manifest.get('extract_dtype', 'fp32')}); use another run directory")
     return manifest
 
 
 def build_cache(model: ClipModel, ds: LabelledImages, layer: int, out_dir: str | Path, batch_size: int = 256,
                 shard_images: int = 4096, max_images: int | None = None, progress: bool = True,
-                dist: Dist = Dist()) -> dict:
+                dist: Dist = Dist(), dtype: str = "fp32", workers: int = 0) -> dict:
     """Write the cache (or finish a killed extraction, or return an existing matching one); return manifest.
-    Under torchrun every rank calls it with its `dist` and gets the manifest."""
+    Under torchrun every rank calls it with its `dist` and gets the manifest. `dtype`: the forward's precision
+    (activations/precision.py); `workers`: image-decoding processes (data.base.iter_batches)."""
     out_dir = Path(out_dir)
-    ident = cache_identity(model, ds, layer, max_images)
+    ident = cache_identity(model, ds, layer, max_images, dtype)
     manifest_file = out_dir / "manifest.json"
     if manifest_file.exists():
         return _check_identity(out_dir, read_json(manifest_file), ident)
@@ -68,7 +76,8 @@ def build_cache(model: ClipModel, ds: LabelledImages, layer: int, out_dir: str |
     for k in range(dist.rank, n_shards, dist.world):
         if not (out_dir / f"shard_{k:05d}.done.json").exists():
             _extract_shard(model, ds, resolved, out_dir, k, range(k * shard_images, min((k + 1) * shard_images, n_total)),
-                           batch_size, f"cache {ds.split} shard {k + 1}/{n_shards}" if progress and dist.is_main else None)
+                           batch_size, f"cache {ds.split} shard {k + 1}/{n_shards}" if progress and dist.is_main else None,
+                           dtype, workers)
     dist.barrier()
     if dist.is_main:
         _write_manifest(model, ds, ident, out_dir, n_shards)
@@ -77,7 +86,7 @@ def build_cache(model: ClipModel, ds: LabelledImages, layer: int, out_dir: str |
 
 
 def _extract_shard(model: ClipModel, ds: LabelledImages, layer: int, out_dir: Path, k: int, order: range,
-                   batch_size: int, desc: str | None) -> None:
+                   batch_size: int, desc: str | None, dtype: str = "fp32", workers: int = 0) -> None:
     """Shard k's arrays, then its done-record (the mark that the shard is complete). Activations go straight
     into a memory-mapped file, so memory holds one batch, not the shard (1.2 GB at ViT-B/16 x 4,096 images)."""
     name, skips, index, n = f"shard_{k:05d}", SkipLog(), [], 0
@@ -85,8 +94,11 @@ def _extract_shard(model: ClipModel, ds: LabelledImages, layer: int, out_dir: Pa
     with atomic_path(final) as tmp:
         acts = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
                                          shape=(len(order), model.layout().n_tokens, model.d_model))
-        for pixels, labels, idx in iter_batches(ds, model.preprocess, batch_size, order, skips, desc):
-            h_BTD = model.block_output(pixels, layer)
+        batches = iter_batches(ds, model.preprocess, batch_size, order, skips, desc, workers=workers,
+                               pin_memory=model.device.type == "cuda")
+        for pixels, labels, idx in batches:
+            with torch.no_grad(), autocast(dtype, model.device):
+                h_BTD = model.block_output(pixels, layer)
             if not torch.isfinite(h_BTD).all():
                 raise PatchSAEError(f"non-finite activations for images {idx[:5].tolist()}... of {ds.name}")
             acts[n: n + len(h_BTD)] = h_BTD.to(torch.float16).cpu().numpy()

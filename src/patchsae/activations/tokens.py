@@ -13,6 +13,7 @@ import torch
 
 from patchsae import PatchSAEError
 from patchsae.activations.cache import ActivationCache
+from patchsae.activations.precision import autocast, check_dtype
 
 TOKEN_SETS = {"all": ("cls", "patch"), "patch": ("patch",), "cls": ("cls",)}
 
@@ -112,8 +113,10 @@ class StreamedTokens:
     """On-the-fly extraction with no cache: each step runs the model on a deterministic set of images and
     takes a shuffled selection of their tokens. Slower per token; for one-off runs and huge datasets."""
 
-    def __init__(self, model, ds, layer: int, tokens: str = "all", seed: int = 0, images_per_step: int = 0):
+    def __init__(self, model, ds, layer: int, tokens: str = "all", seed: int = 0, images_per_step: int = 0,
+                 dtype: str = "fp32", workers: int = 0):
         self.model, self.ds, self.layer, self.seed = model, ds, model.resolve_layer(layer), seed
+        self.dtype, self.workers = check_dtype(dtype), workers  # forward precision, image-decoding processes
         self.positions = token_positions(model.layout().kinds(), tokens)
         self.n_tokens = len(ds) * len(self.positions)
         self.images_per_step = images_per_step
@@ -122,8 +125,10 @@ class StreamedTokens:
         from patchsae.data.base import iter_batches
 
         out = []
-        for pixels, _, _ in iter_batches(self.ds, self.model.preprocess, 256, indices):
-            h_BTD = self.model.block_output(pixels, self.layer)
+        for pixels, _, _ in iter_batches(self.ds, self.model.preprocess, 256, indices, workers=self.workers,
+                                         pin_memory=self.model.device.type == "cuda"):
+            with torch.no_grad(), autocast(self.dtype, self.model.device):
+                h_BTD = self.model.block_output(pixels, self.layer)
             out.append(h_BTD[:, torch.from_numpy(self.positions)].reshape(-1, h_BTD.shape[-1]))
         if not out:
             return torch.empty(0, self.model.d_model)
