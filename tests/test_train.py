@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from patchsae import PatchSAEError
 from patchsae.sae.checkpoint import load_sae, load_training_state, save_sae, save_training_state
 from patchsae.sae.model import SAE, SAEConfig
-from patchsae.sae.train import TrainConfig, make_optimizer, train_sae
+from patchsae.sae.train import TrainConfig, make_optimizer, train_sae, train_step
 
 from helpers import MemTokens, _data
 
@@ -265,3 +265,43 @@ def test_load_refuses_garbage_config_json(tmp_path):
 def test_load_without_files(tmp_path):
     with pytest.raises(PatchSAEError):
         load_sae(tmp_path)
+
+
+def test_sae_dtype_sets_matmul_precision_only_while_training(tmp_path, monkeypatch):
+    """--sae-dtype bf16 trains with bf16 float32-matmuls (torch's "medium" precision) and puts the process-wide
+    setting back afterwards, also when training fails; an unknown value is refused in one line."""
+    seen = []
+    real_step = train_step
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr("patchsae.sae.train.train_step", spy)
+    before = torch.get_float32_matmul_precision()
+    cfg = replace(TRAIN_CFG, total_tokens=3 * 64, sae_dtype="bf16")
+    train_sae(SAE_CFG, cfg, MemTokens(_data()), tmp_path / "a", progress=False)
+    assert seen == ["medium"] * 3 and torch.get_float32_matmul_precision() == before
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["train"]["sae_dtype"] == "bf16"
+    with pytest.raises(RuntimeError):
+        train_sae(SAE_CFG, cfg, MemTokens(_data(), fail_after=1), tmp_path / "b", progress=False)
+    assert torch.get_float32_matmul_precision() == before
+    with pytest.raises(PatchSAEError, match="unknown SAE matmul dtype 'fp8'"):
+        replace(TRAIN_CFG, sae_dtype="fp8")
+
+
+def test_checkpoint_from_before_sae_dtype_existed_resumes(tmp_path):
+    """A checkpoint whose saved training settings lack a later-added key (sae_dtype) resumes with its default."""
+    from safetensors import safe_open
+
+    with pytest.raises(RuntimeError):
+        train_sae(SAE_CFG, TRAIN_CFG, MemTokens(_data(), fail_after=10), tmp_path, progress=False)
+    ckpt = tmp_path / "checkpoint.safetensors"
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    info = json.loads(meta["info"])
+    del info["train"]["sae_dtype"]
+    save_file(tensors, str(ckpt), metadata={**meta, "info": json.dumps(info)})
+    source = MemTokens(_data())
+    train_sae(SAE_CFG, TRAIN_CFG, source, tmp_path, progress=False)
+    assert source.produced == 40 - 7
