@@ -9,6 +9,8 @@ ratios of implementations run side by side in this one process on the same data 
      and block 8 (of 12, the paper's numbering) vs a full forward with output_hidden_states (best of at least 5
      interleaved rounds).
   c. SAE training on the embedded model from the fp16 cache vs extracting activations on the fly.
+  t. (not in `make bench`; for checking the TopK targets quickly) the encoder GEMM, our TopK step and SAELens's
+     TopK steps interleaved in each round, and the TopK kernels vs what they replace.
 
 Each time is the best of BENCH_REPS (2) repetitions after one warm-up, BENCH_STEP_REPS (1) for the SAE steps
 of section a; BENCH_THREADS sets torch's threads (default: all cores). Section d (peak memory) is benchmarks/memory.py.
@@ -185,7 +187,7 @@ def bench_sae_step() -> None:
             peers[f"relu {regime}"] = timed(f"SAELens standard ({regime})", lambda: saelens("relu", x, weights=w))
         del w
     t["ours topk"] = timed("ours topk", lambda: ours(our_sae("topk", x), x))
-    bench_topk_kernels(x)
+    bench_topk_kernels(x, "t. TopK interleaved")
     W, out = torch.randn(D_MODEL, D_SAE), torch.empty(TOKENS, D_SAE)
     t_gemm = min(t_gemm, best_time(lambda: torch.mm(x, W, out=out)))  # again next to the TopK timing
     print(f"  encoder GEMM, measured again: best {t_gemm:.2f} s", flush=True)
@@ -214,7 +216,33 @@ def bench_sae_step() -> None:
         over(t_gemm, t["ours relu trained"]), times=False)
 
 
-def bench_topk_kernels(x: torch.Tensor) -> None:
+def bench_topk_interleaved() -> None:
+    """Section t: the TopK targets alone, the encoder GEMM, our TopK step and SAELens's TopK steps timed in turn
+    within each round (best of BENCH_STEP_REPS + 1 rounds), so a busy machine slows every contender alike."""
+    print(f"t. TopK step interleaved, {D_MODEL} -> {D_SAE:,}, k = {K}, {TOKENS:,} tokens, "
+          f"threads={torch.get_num_threads()}", flush=True)
+    x = activations()
+    W, out = torch.randn(D_MODEL, D_SAE), torch.empty(TOKENS, D_SAE)
+    fns = {"gemm": lambda: torch.mm(x, W, out=out), "ours": ours(our_sae("topk", x), x)}
+    for sparse in (False, True):
+        try:
+            step = saelens("topk", x, sparse=sparse)
+            step()
+        except Exception as exc:  # noqa: BLE001 - reported, as in section a
+            print(f"  SAELens topk sparse={sparse}: failed ({type(exc).__name__})", flush=True)
+        else:
+            fns[f"saelens sparse={sparse}"] = step
+    t = interleaved_best(fns, STEP_REPS + 1)
+    print("  " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()), flush=True)
+    peers = [v for k, v in t.items() if k.startswith("saelens")]
+    row("t. TopK interleaved", "topk_vs_gemm_bound_interleaved", "TopK vs encoder-GEMM bound, interleaved (target >= 0.75)",
+        t["gemm"] / t["ours"], times=False)
+    row("t. TopK interleaved", "topk_vs_saelens_interleaved", "TopK: ours vs SAELens's faster, interleaved (target >= 6x)",
+        min(peers) / t["ours"] if peers else None, failed="SAELens failed")
+    bench_topk_kernels(x, "t. TopK interleaved")
+
+
+def bench_topk_kernels(x: torch.Tensor, section: str = "a. SAE step") -> None:
     """The TopK step's two selection-side kernels against what they replace, on the SAE's own pre-activations:
     grouped top-k vs torch.topk, and the encoder gradient as sorted embedding bags vs a COO sparse product."""
     from patchsae.sae.topk_select import latent_sums, topk_rows
@@ -234,9 +262,9 @@ def bench_topk_kernels(x: torch.Tensor) -> None:
     times = interleaved_best({"grouped": lambda: topk_rows(pre, K), "torch.topk": lambda: pre.topk(K, sorted=False),
                               "bags": lambda: latent_sums(idx, g, None, xc, D_SAE), "coo": coo}, max(REPS, 3))
     print("  " + ", ".join(f"{k} {v:.3f} s" for k, v in times.items()), flush=True)
-    row("a. SAE step", "topk_select_vs_torch_topk", f"top-{K} of {D_SAE:,} per token: grouped vs torch.topk",
+    row(section, "topk_select_vs_torch_topk", f"top-{K} of {D_SAE:,} per token: grouped vs torch.topk",
         times["torch.topk"] / times["grouped"])
-    row("a. SAE step", "latent_sums_vs_coo", "encoder gradient: sorted embedding bags vs COO sparse.mm",
+    row(section, "latent_sums_vs_coo", "encoder gradient: sorted embedding bags vs COO sparse.mm",
         times["coo"] / times["bags"])
 
 
@@ -323,7 +351,7 @@ def main() -> None:
     sections = sys.argv[1:] or ["a", "b", "c"]
     t0 = time.time()
     for s in sections:
-        {"a": bench_sae_step, "b": bench_extraction, "c": bench_cache_vs_on_the_fly}[s]()
+        {"a": bench_sae_step, "b": bench_extraction, "c": bench_cache_vs_on_the_fly, "t": bench_topk_interleaved}[s]()
     write_results("bench.py " + " ".join(sections), time.time() - t0)
     print(f"\nbenchmark summary (python benchmarks/bench.py {' '.join(sections)}; {time.time() - t0:.0f} s, "
           f"{torch.get_num_threads()} threads; after a warm-up, best of {STEP_REPS} SAE steps, of {REPS} otherwise)")
