@@ -187,7 +187,7 @@ def bench_sae_step() -> None:
             peers[f"relu {regime}"] = timed(f"SAELens standard ({regime})", lambda: saelens("relu", x, weights=w))
         del w
     t["ours topk"] = timed("ours topk", lambda: ours(our_sae("topk", x), x))
-    bench_topk_kernels(x, "t. TopK interleaved")
+    bench_topk_kernels(x)
     W, out = torch.randn(D_MODEL, D_SAE), torch.empty(TOKENS, D_SAE)
     t_gemm = min(t_gemm, best_time(lambda: torch.mm(x, W, out=out)))  # again next to the TopK timing
     print(f"  encoder GEMM, measured again: best {t_gemm:.2f} s", flush=True)
