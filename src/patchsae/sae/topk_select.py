@@ -24,9 +24,10 @@ GROUPS = 16  # strided groups per row in topk_rows; measured best of 4-16 at 49,
 def topk_rows(pre_NS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values_NK, indices_NK) of the k largest entries of each row, unsorted, exactly those of
     `pre_NS.topk(k, dim=-1, sorted=False)` up to the order within a row and the choice among tied values.
-    Falls back to torch.topk when the row is too short for groups to save work or not divisible into them."""
+    Falls back to torch.topk when the row is too short for groups to save work or not divisible into them, and
+    off the CPU: a GPU's torch.topk is a radix select that already reads each row once."""
     n, s = pre_NS.shape
-    if s % GROUPS or s < 4 * k * GROUPS or not pre_NS.is_contiguous() or n == 0:
+    if pre_NS.device.type != "cpu" or s % GROUPS or s < 4 * k * GROUPS or not pre_NS.is_contiguous() or n == 0:
         return pre_NS.topk(k, dim=-1, sorted=False)
     m = s // GROUPS  # group j holds columns j, j + m, j + 2m, ...: its max is an elementwise max of slices
     gmax_NM = pre_NS.view(n, GROUPS, m).amax(1)
