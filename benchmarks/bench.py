@@ -211,7 +211,8 @@ def bench_sae_step() -> None:
         over(t["ours relu init"], t["ours topk"]))
     row(a, "topk_vs_relu_sparse", f"TopK vs our ReLU at L0 = {L0_TRAINED} (sparse path)",
         over(t["ours relu trained"], t["ours topk"]))
-    row(a, "topk_vs_gemm_bound", "TopK vs encoder-GEMM bound (target >= 0.75)", over(t_gemm, t["ours topk"]), times=False)
+    row(a, "topk_vs_gemm_bound", "TopK vs encoder-GEMM bound (target >= 0.75)", over(t_gemm, t["ours topk"]),
+        times=False)
     row(a, "relu_sparse_vs_gemm_bound", f"ReLU at L0 = {L0_TRAINED} vs encoder-GEMM bound",
         over(t_gemm, t["ours relu trained"]), times=False)
 
@@ -235,9 +236,10 @@ def bench_topk_interleaved() -> None:
     t = interleaved_best(fns, STEP_REPS + 1)
     print("  " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()), flush=True)
     peers = [v for k, v in t.items() if k.startswith("saelens")]
-    row("t. TopK interleaved", "topk_vs_gemm_bound_interleaved", "TopK vs encoder-GEMM bound, interleaved (target >= 0.75)",
+    sec = "t. TopK interleaved"
+    row(sec, "topk_vs_gemm_bound_interleaved", "TopK vs encoder-GEMM bound, interleaved (target >= 0.75)",
         t["gemm"] / t["ours"], times=False)
-    row("t. TopK interleaved", "topk_vs_saelens_interleaved", "TopK: ours vs SAELens's faster, interleaved (target >= 6x)",
+    row(sec, "topk_vs_saelens_interleaved", "TopK: ours vs SAELens's faster, interleaved (target >= 6x)",
         min(peers) / t["ours"] if peers else None, failed="SAELens failed")
     bench_topk_kernels(x, "t. TopK interleaved")
 

@@ -206,7 +206,8 @@ def main(argv: list[str]) -> int:
     rates.update(paper_projection(rates))
     if device.type == "cuda":  # a script check's numbers are not results
         bench.write_results("gpu.py", time.time() - t0, {"device": name, **rates})
-    print(f"\nGPU benchmark summary ({name}; {time.time() - t0:.0f} s)\n| section | comparison | ratio |\n|---|---|---|")
+    print(f"\nGPU benchmark summary ({name}; {time.time() - t0:.0f} s)")
+    print("| section | comparison | ratio |\n|---|---|---|")
     for section, what, value in bench.ROWS:
         print(f"| {section} | {what} | {value} |")
     return 0
