@@ -176,10 +176,7 @@ def paper_projection(rates: dict) -> dict:
     """Hours of `--preset paper` on this GPU: building the cache at the bf16 extraction rate, then training at
     our ReLU step's rate at a trained SAE's sparsity (the regime of all but the first steps), both as measured
     here on 4,096-token steps and 256-image batches; data loading assumed to keep up."""
-    try:
-        from patchsae.runs import budget, preset_config  # the layout after the restructure
-    except ImportError:
-        from patchsae.preset import budget, preset_config
+    from patchsae.runs.presets import budget, preset_config
     b = budget(preset_config("paper"))
     cache_s = b["images"] / rates["extract_bf16_images_per_s"]
     train_rate = rates.get("ours_relu_trained_tokens_per_s")
