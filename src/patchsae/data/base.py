@@ -84,6 +84,8 @@ def iter_batches(
     skips = skips if skips is not None else SkipLog()
     order = range(len(ds)) if indices is None else indices
     bar = tqdm(total=len(order), desc=progress, unit="img", disable=progress is None, leave=False)
+    if workers < 0:
+        raise PatchSAEError(f"--workers must be 0 or more, not {workers}")
     if workers > 0:
         yield from _worker_batches(ds, preprocess, batch_size, order, skips, bar, workers, pin_memory)
         _report_skips(skips, len(order), progress)

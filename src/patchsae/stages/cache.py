@@ -7,12 +7,12 @@ from pathlib import Path
 
 from patchsae.dist import Dist
 from patchsae.runs import Run, RunConfig
-from patchsae.stages.setup import ConfigOptions, dry_run, init_run, model_for
+from patchsae.stages.setup import ConfigOptions, ExtractOptions, dry_run, init_run, model_for
 
 NAME = "cache"
 HELP = "extract the hooked block's activations of the training split into an fp16 cache"
 RUN_HELP = "run directory (created if missing)"
-OPTIONS = (RunConfig, ConfigOptions)
+OPTIONS = (RunConfig, ConfigOptions, ExtractOptions)
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class CacheReport:
     d_model: int
 
 
-def run(run: Run, model=None, progress: bool = True, dist: Dist = Dist()) -> CacheReport:
+def run(run: Run, model=None, progress: bool = True, dist: Dist = Dist(), workers: int = 0) -> CacheReport:
     from patchsae.activations.cache import build_cache
     from patchsae.data import open_dataset
 
@@ -34,7 +34,7 @@ def run(run: Run, model=None, progress: bool = True, dist: Dist = Dist()) -> Cac
     ds = open_dataset(cfg.dataset, cfg.train_split, path=cfg.dataset_path)
     folder = run.cache_dir(cfg.train_split)
     m = build_cache(model, ds, cfg.layer, folder, batch_size=cfg.batch_images, max_images=cfg.max_train_images,
-                    progress=progress, dist=dist)
+                    progress=progress, dist=dist, dtype=cfg.dtype, workers=workers)
     return CacheReport(folder, m["split"], m["layer"], m["n_images"], m["n_tokens_per_image"], m["d_model"])
 
 
@@ -48,6 +48,6 @@ def cli(args) -> None:
         print(dry_run(args))
         return
     run_, dist = init_run(args)
-    report = run(run_, dist=dist)
+    report = run(run_, dist=dist, workers=getattr(args, "workers", 0))
     if dist.is_main:
         print(format_report(report))

@@ -10,12 +10,12 @@ from dataclasses import asdict, dataclass
 from patchsae import PatchSAEError
 from patchsae.runs import Run, RunConfig
 from patchsae.stages import cache, evaluate, train
-from patchsae.stages.setup import ConfigOptions, dry_run, model_for
+from patchsae.stages.setup import ConfigOptions, ExtractOptions, dry_run, model_for
 
 NAME = "quickstart"
 HELP = "cache, train and evaluate in one go (defaults: embedded model on Fashion-MNIST); writes summary.json"
 RUN_HELP = "run directory (created if missing)"
-OPTIONS = (RunConfig, ConfigOptions)
+OPTIONS = (RunConfig, ConfigOptions, ExtractOptions)
 
 
 @dataclass(frozen=True)
@@ -69,14 +69,14 @@ def format_summary(summary: Summary) -> str:
     return "\n".join(["PatchSAE summary", *rows])
 
 
-def run(run_: Run, cfg: RunConfig, overrides: dict, progress: bool = True) -> Summary:
+def run(run_: Run, cfg: RunConfig, overrides: dict, progress: bool = True, workers: int = 0) -> Summary:
     t0 = time.time()
     run_.init(cfg, overrides)
     cfg = run_.load_config()
     model = model_for(cfg)
     print(f"[1/3] caching block {model.resolve_layer(cfg.layer)} activations of {cfg.model} on "
           f"{cfg.dataset}/{cfg.train_split}", file=sys.stderr)
-    cache.run(run_, model, progress)
+    cache.run(run_, model, progress, workers=workers)
     print("[2/3] training the SAE", file=sys.stderr)
     train.run(run_, progress)
     print(f"[3/3] evaluating on {cfg.dataset}/{cfg.eval_split}", file=sys.stderr)
@@ -95,6 +95,7 @@ def cli(args) -> None:
         print(dry_run(args))
         return
     ov = overrides(args)
-    summary = run(Run(args.run), start_config(ov.get("model"), args_preset(args)), ov)
+    summary = run(Run(args.run), start_config(ov.get("model"), args_preset(args)), ov,
+                  workers=getattr(args, "workers", 0))
     print(format_summary(summary))
     print(f"wrote {args.run}/summary.json")
