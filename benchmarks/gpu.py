@@ -8,7 +8,7 @@
   3. one SAE training step at 768 -> 49,152, 4,096 tokens: ours (ReLU at initialisation = dense path, ReLU at a
      trained SAE's L0 = sparse path, TopK k = 64, TopK with TF32 matmuls) against SAELens's own steps on the
      same GPU (standard; TopK with use_sparse_activations off and on) and against the encoder-GEMM bound;
-     peak GPU memory of each;
+     each contender is built, timed and dropped in turn, so its peak GPU memory is its own;
   4. the projected wall time of `--preset paper` (cache + train) on this GPU from those rates.
 
 Every ratio is printed and merged into runs/bench/results.json (keys gpu_*), with the absolute rates, the
@@ -19,6 +19,8 @@ numbers mean nothing).
 
 from __future__ import annotations
 
+import copy
+import gc
 import sys
 import time
 from pathlib import Path
@@ -55,12 +57,12 @@ def gemm_rates(device: torch.device, timed) -> dict:
 
     def tf32(on: bool):
         def run():
-            torch.backends.cuda.matmul.allow_tf32 = on
+            torch.set_float32_matmul_precision("high" if on else "highest")  # as train's --sae-dtype tf32
             return x @ w
         return run
 
     t = interleaved_best({"bf16": timed(lambda: a @ b), "fp32": timed(tf32(False)), "tf32": timed(tf32(True))}, 5)
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
     enc = 2 * TOKENS * D_MODEL * D_SAE
     rates = {"bf16_gemm_flops": 2 * n ** 3 / t["bf16"], "encoder_gemm_s": t["fp32"], "encoder_gemm_tf32_s": t["tf32"]}
     print(f"  bf16 GEMM {rates['bf16_gemm_flops'] / 1e12:.1f} TFLOP/s; encoder GEMM fp32 {t['fp32'] * 1e3:.2f} ms "
@@ -94,7 +96,7 @@ def bench_extraction(device: torch.device, timed, bf16_flops: float) -> dict:
         rel = ((low.float() - ref).norm() / ref.norm()).item()
     times, peak = {}, {}
     for name in dtype_of:
-        times[name], peak[name] = peak_and_time(device, extract(name), reps=5)
+        times[name], peak[name] = peak_and_time(device, lambda: extract(name), reps=5)
     out = {}
     bound = bf16_flops / vit_flops(11)  # images/s if the forward ran at the measured bf16 GEMM rate
     for name in dtype_of:
@@ -111,43 +113,47 @@ def bench_extraction(device: torch.device, timed, bf16_flops: float) -> dict:
     return out
 
 
-def peak_and_time(device: torch.device, fn, reps: int) -> tuple[float, int | None]:
-    """Best time of fn and its peak GPU memory in MB (None on CPU)."""
+def peak_and_time(device: torch.device, make, reps: int) -> tuple[float, int | None]:
+    """Best time of the function `make()` builds, and the peak GPU memory in MB it needed: building it (weights,
+    optimiser) and running it, above what was allocated before (None on CPU). It is dropped afterwards."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    t = interleaved_best({"fn": fn}, reps)["fn"]
-    peak = round(torch.cuda.max_memory_allocated(device) / 2 ** 20) if device.type == "cuda" else None
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    t = interleaved_best({"fn": make()}, reps)["fn"]
+    peak = round((torch.cuda.max_memory_allocated(device) - before) / 2 ** 20) if device.type == "cuda" else None
     return t, peak
 
 
 def bench_sae_steps(device: torch.device, timed, gemm: dict) -> dict:
-    """Each contender alone (its own peak memory), then ours vs SAELens's faster TopK interleaved."""
+    """Each contender built, timed and dropped in turn, so that its peak memory is its own; SAELens's ReLU
+    steps get our weights (same codes, same sparsity)."""
     x_cpu = bench.activations()
     x = x_cpu.to(device)
-    made = {}
+    relu_w = {regime: bench.our_sae("relu", x_cpu, l0) for regime, l0 in (("trained", L0_TRAINED), ("init", None))}
 
-    def ours(arch, l0=None, tf32=False):
-        sae = bench.our_sae(arch, x_cpu, l0).to(device)
-        step = bench.ours(sae, x)
+    def ours(arch, weights=None, tf32=False):
+        def make():
+            sae = copy.deepcopy(weights) if weights is not None else bench.our_sae(arch, x_cpu)
+            step = bench.ours(sae.to(device), x)
 
-        def run():
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-            step()
-        return sae, run
+            def run():
+                torch.set_float32_matmul_precision("high" if tf32 else "highest")
+                step()
+            return timed(run)
+        return make
 
-    relu_trained, made["ours relu trained"] = ours("relu", L0_TRAINED)
-    relu_init, made["ours relu init"] = ours("relu")
-    made["ours topk"] = ours("topk")[1]
-    made["ours topk tf32"] = ours("topk", tf32=True)[1]
-    made["saelens relu trained"] = bench.saelens("relu", x, weights=relu_trained)
-    made["saelens relu init"] = bench.saelens("relu", x, weights=relu_init)
-    made["saelens topk dense"] = bench.saelens("topk", x)
-    made["saelens topk sparse"] = bench.saelens("topk", x, sparse=True)
+    made = {"ours relu trained": ours("relu", relu_w["trained"]), "ours relu init": ours("relu", relu_w["init"]),
+            "ours topk": ours("topk"), "ours topk tf32": ours("topk", tf32=True),
+            "saelens relu trained": lambda: timed(bench.saelens("relu", x, weights=relu_w["trained"])),
+            "saelens relu init": lambda: timed(bench.saelens("relu", x, weights=relu_w["init"])),
+            "saelens topk dense": lambda: timed(bench.saelens("topk", x)),
+            "saelens topk sparse": lambda: timed(bench.saelens("topk", x, sparse=True))}
     t, peak, out = {}, {}, {}
-    for name, fn in made.items():
+    for name, make in made.items():
         try:
-            t[name], peak[name] = peak_and_time(device, timed(fn), STEP_REPS)
+            t[name], peak[name] = peak_and_time(device, make, STEP_REPS)
         except Exception as exc:  # noqa: BLE001 - a peer's setting that fails here is reported, not hidden
             print(f"  {name}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:90]})", flush=True)
             t[name], peak[name] = None, None
@@ -156,7 +162,7 @@ def bench_sae_steps(device: torch.device, timed, gemm: dict) -> dict:
         out[f"{name.replace(' ', '_')}_peak_mb"] = peak[name]
         print(f"  {name}: {t[name] * 1e3:.1f} ms/step ({TOKENS / t[name]:,.0f} tokens/s), peak {peak[name]} MB",
               flush=True)
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
     peers = [v for k, v in t.items() if k.startswith("saelens topk") and v is not None]
     row("gpu", "gpu_topk_vs_saelens", "TopK step: ours vs SAELens's faster TopK (target >= 3x)",
         over(min(peers), t["ours topk"]) if peers else None, failed="SAELens failed")
