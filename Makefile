@@ -47,6 +47,8 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 bench: setup $(VENV)/.bench-installed
 	$(PY) benchmarks/bench.py a b c e
 	$(PY) benchmarks/memory.py
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then $(PY) benchmarks/gpu.py; \
+	else echo "no CUDA device: benchmarks/gpu.py (the GPU section) skipped"; fi
 
 # Generated hostile files for every loader (tests/test_fuzz.py, hypothesis profile `full`): 1,000 cases per test
 # function, a fresh seed each run; and every stage killed at four moments (tests/test_kill.py). The last line

@@ -12,6 +12,8 @@ ratios of implementations run side by side in this one process on the same data 
   e. Several layers: blocks 11, 8 and 5 of the same ViT-B/16 from one pass (`cache --layers`) vs block 11 alone
      (one forward pass) and vs three separate passes (after checking the outputs bitwise equal); BENCH_LAYERS_BATCH
      images a batch (default 8).
+  t. (not in `make bench`; for checking the TopK targets quickly) the encoder GEMM, our TopK step and SAELens's
+     TopK steps interleaved in each round, and the TopK kernels vs what they replace.
 
 Each time is the best of BENCH_REPS (2) repetitions after one warm-up, BENCH_STEP_REPS (1) for the SAE steps
 of section a; BENCH_THREADS sets torch's threads (default: all cores). Section d (peak memory) is benchmarks/memory.py.
@@ -36,6 +38,8 @@ TOKENS = int(os.environ.get("BENCH_TOKENS", 4_096))
 REPS = int(os.environ.get("BENCH_REPS", "2"))
 STEP_REPS = int(os.environ.get("BENCH_STEP_REPS", "1"))  # section a: a dense 49,152-wide step takes 10-50 s here
 ROWS: list[tuple[str, str, str]] = []  # (section, comparison, result)
+RESULTS_FILE = Path("runs/bench/results.json")
+RESULTS: dict[str, float | None] = {}  # stable key -> the ratio printed in its row (None: a contender failed)
 
 
 def interleaved_best(fns: dict, reps: int) -> dict:
@@ -57,13 +61,27 @@ def best_time(fn, reps: int = REPS) -> float:
     return interleaved_best({"fn": fn}, reps)["fn"]
 
 
-def row(section: str, what: str, value: str) -> None:
-    ROWS.append((section, what, value))
-    print(f"  {what:<58} {value}", flush=True)
+def row(section: str, key: str, what: str, value: float | None, times: bool = True, failed: str = "failed") -> None:
+    """One printed ratio, also kept under its stable `key` for runs/bench/results.json."""
+    RESULTS[key] = None if value is None else round(value, 4)
+    text = failed if value is None else f"{value:.2f}{'x' if times else ''}"
+    ROWS.append((section, what, text))
+    print(f"  {what:<58} {text}", flush=True)
 
 
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x"
+def write_results(label: str, seconds: float, extra: dict | None = None) -> None:
+    """Merge this run's ratios into runs/bench/results.json (benchmarks/gpu.py adds its own keys there), with
+    what they were measured under: a key keeps its last measured value."""
+    from patchsae.utils import read_json, write_json
+
+    old = read_json(RESULTS_FILE) if RESULTS_FILE.exists() else {}
+    meta = {**(extra or {}), "seconds": round(seconds), "threads": torch.get_num_threads(),
+            "load_average": list(os.getloadavg()), "torch": torch.__version__, "d_sae": D_SAE, "tokens": TOKENS,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS_FILE, {"ratios": {**old.get("ratios", {}), **RESULTS},
+                              "runs": {**old.get("runs", {}), label: meta}})
+    print(f"ratios written to {RESULTS_FILE}")
 
 
 # ---- a. SAE step ---------------------------------------------------------------------------------------------
@@ -93,7 +111,7 @@ def our_sae(arch: str, x: torch.Tensor, l0: int | None = None) -> SAE:
 
 def ours(sae: SAE, x: torch.Tensor):
     opt = make_optimizer(sae, LR)
-    since = torch.zeros(D_SAE, dtype=torch.long)
+    since = torch.zeros(D_SAE, dtype=torch.long, device=x.device)
     return lambda: train_step(sae, opt, x, since)
 
 
@@ -110,12 +128,13 @@ def saelens(arch: str, x: torch.Tensor, sparse: bool = False, weights: SAE | Non
     else:
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_MODEL, d_sae=D_SAE, k=K, use_sparse_activations=sparse))
         coeffs = {}
+    sae = sae.to(x.device)
     if weights is not None:  # the very same function as ours: same codes, same sparsity
         with torch.no_grad():
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
                 getattr(sae, name).copy_(getattr(weights, name))
     opt = torch.optim.Adam(sae.parameters(), lr=LR)
-    since = torch.zeros(D_SAE)
+    since = torch.zeros(D_SAE, device=x.device)
     state = {"step": 0}
 
     def step():
@@ -171,6 +190,7 @@ def bench_sae_step() -> None:
             peers[f"relu {regime}"] = timed(f"SAELens standard ({regime})", lambda: saelens("relu", x, weights=w))
         del w
     t["ours topk"] = timed("ours topk", lambda: ours(our_sae("topk", x), x))
+    bench_topk_kernels(x)
     W, out = torch.randn(D_MODEL, D_SAE), torch.empty(TOKENS, D_SAE)
     t_gemm = min(t_gemm, best_time(lambda: torch.mm(x, W, out=out)))  # again next to the TopK timing
     print(f"  encoder GEMM, measured again: best {t_gemm:.2f} s", flush=True)
@@ -180,21 +200,82 @@ def bench_sae_step() -> None:
         peers["topk sparse"] = timed("SAELens topk, use_sparse_activations=True", lambda: saelens("topk", x, sparse=True))
     a = "a. SAE step"
     if peers:
-        for regime, desc in (("trained", f"L0 = {L0_TRAINED}, a trained SAE's sparsity"),
-                             ("init", "at initialisation, half the latents active")):
+        for regime, key, desc in (("trained", "relu_sparse_vs_saelens", f"L0 = {L0_TRAINED}, a trained SAE's sparsity"),
+                                  ("init", "relu_init_vs_saelens", "at initialisation, half the latents active")):
             p = peers[f"relu {regime}"]
-            row(a, f"ReLU, {desc}: ours vs SAELens standard, same weights (target >= 1.2x)",
-                ratio(p, t[f"ours relu {regime}"]) if p else "SAELens failed")
+            row(a, key, f"ReLU, {desc}: ours vs SAELens standard, same weights (target >= 1.2x)",
+                over(p, t[f"ours relu {regime}"]), failed="SAELens failed")
         ok = [v for k, v in peers.items() if k.startswith("topk") and v is not None]
         which = ", ".join(f"{k.split()[1]} {'failed' if peers[k] is None else f'{peers[k]:.2f} s'}"
                           for k in ("topk dense", "topk sparse"))
-        row(a, f"TopK: ours vs SAELens's faster (target >= 2x; {which})",
-            ratio(min(ok), t["ours topk"]) if ok else "SAELens failed")
-    row(a, "TopK vs our dense ReLU (at initialisation), same d_sae (target >= 3x)",
-        ratio(t["ours relu init"], t["ours topk"]))
-    row(a, f"TopK vs our ReLU at L0 = {L0_TRAINED} (sparse path)", ratio(t["ours relu trained"], t["ours topk"]))
-    row(a, "TopK vs encoder-GEMM bound (target >= 0.70)", f"{t_gemm / t['ours topk']:.2f}")
-    row(a, f"ReLU at L0 = {L0_TRAINED} vs encoder-GEMM bound", f"{t_gemm / t['ours relu trained']:.2f}")
+        row(a, "topk_vs_saelens", f"TopK: ours vs SAELens's faster (target >= 6x; {which})",
+            over(min(ok), t["ours topk"]) if ok else None, failed="SAELens failed")
+    row(a, "topk_vs_relu_init", "TopK vs our dense ReLU (at initialisation), same d_sae (target >= 3x)",
+        over(t["ours relu init"], t["ours topk"]))
+    row(a, "topk_vs_relu_sparse", f"TopK vs our ReLU at L0 = {L0_TRAINED} (sparse path)",
+        over(t["ours relu trained"], t["ours topk"]))
+    row(a, "topk_vs_gemm_bound", "TopK vs encoder-GEMM bound (target >= 0.75)", over(t_gemm, t["ours topk"]),
+        times=False)
+    row(a, "relu_sparse_vs_gemm_bound", f"ReLU at L0 = {L0_TRAINED} vs encoder-GEMM bound",
+        over(t_gemm, t["ours relu trained"]), times=False)
+
+
+def bench_topk_interleaved() -> None:
+    """Section t: the TopK targets alone, the encoder GEMM, our TopK step and SAELens's TopK steps timed in turn
+    within each round (best of BENCH_STEP_REPS + 1 rounds), so a busy machine slows every contender alike."""
+    print(f"t. TopK step interleaved, {D_MODEL} -> {D_SAE:,}, k = {K}, {TOKENS:,} tokens, "
+          f"threads={torch.get_num_threads()}", flush=True)
+    x = activations()
+    W, out = torch.randn(D_MODEL, D_SAE), torch.empty(TOKENS, D_SAE)
+    fns = {"gemm": lambda: torch.mm(x, W, out=out), "ours": ours(our_sae("topk", x), x)}
+    for sparse in (False, True):
+        try:
+            step = saelens("topk", x, sparse=sparse)
+            step()
+        except Exception as exc:  # noqa: BLE001 - reported, as in section a
+            print(f"  SAELens topk sparse={sparse}: failed ({type(exc).__name__})", flush=True)
+        else:
+            fns[f"saelens sparse={sparse}"] = step
+    t = interleaved_best(fns, STEP_REPS + 1)
+    print("  " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()), flush=True)
+    peers = [v for k, v in t.items() if k.startswith("saelens")]
+    sec = "t. TopK interleaved"
+    row(sec, "topk_vs_gemm_bound_interleaved", "TopK vs encoder-GEMM bound, interleaved (target >= 0.75)",
+        t["gemm"] / t["ours"], times=False)
+    row(sec, "topk_vs_saelens_interleaved", "TopK: ours vs SAELens's faster, interleaved (target >= 6x)",
+        min(peers) / t["ours"] if peers else None, failed="SAELens failed")
+    bench_topk_kernels(x, "t. TopK interleaved")
+
+
+def bench_topk_kernels(x: torch.Tensor, section: str = "a. SAE step") -> None:
+    """The TopK step's two selection-side kernels against what they replace, on the SAE's own pre-activations:
+    grouped top-k vs torch.topk, and the encoder gradient as sorted embedding bags vs a COO sparse product."""
+    from patchsae.sae.topk_select import latent_sums, topk_rows
+
+    sae = our_sae("topk", x)
+    with torch.no_grad():
+        xc, pre = sae.centred(x), sae.pre_acts(x)
+    idx = topk_rows(pre, K)[1]
+    g = torch.randn(idx.shape)
+
+    def coo():
+        rows = torch.arange(len(x)).repeat_interleave(K)
+        g_NS = torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]), g.reshape(-1), pre.shape,
+                                       check_invariants=False)
+        return torch.sparse.mm(g_NS.t(), xc)
+
+    times = interleaved_best({"grouped": lambda: topk_rows(pre, K), "torch.topk": lambda: pre.topk(K, sorted=False),
+                              "bags": lambda: latent_sums(idx, g, None, xc, D_SAE), "coo": coo}, max(REPS, 3))
+    print("  " + ", ".join(f"{k} {v:.3f} s" for k, v in times.items()), flush=True)
+    row(section, "topk_select_vs_torch_topk", f"top-{K} of {D_SAE:,} per token: grouped vs torch.topk",
+        times["torch.topk"] / times["grouped"])
+    row(section, "latent_sums_vs_coo", "encoder gradient: sorted embedding bags vs COO sparse.mm",
+        times["coo"] / times["bags"])
+
+
+def over(a: float | None, b: float | None) -> float | None:
+    """a / b, None when either contender failed."""
+    return None if a is None or b is None else a / b
 
 
 # ---- b. extraction -------------------------------------------------------------------------------------------
@@ -228,8 +309,8 @@ def bench_extraction(batch: int = 8) -> None:
     times = interleaved_best(runs, max(REPS, 5))
     t_full = times["full"]
     for block in (11, 8):
-        row("b. extraction", f"early exit after block {block} of 12 vs full forward (target >= "
-                             f"{1.05 if block == 11 else 1.3}x)", ratio(t_full, times[block]))
+        row("b. extraction", f"early_exit_block{block}", f"early exit after block {block} of 12 vs full forward "
+            f"(target >= {1.05 if block == 11 else 1.3}x)", t_full / times[block])
     print(f"  full forward {batch / t_full:.1f} images/s", flush=True)
 
 
@@ -284,8 +365,8 @@ def bench_cache_vs_on_the_fly(n_images: int = 2048, steps: int = 20) -> None:
             print(f"  {name}: {rate[name]:,.0f} tokens/s", flush=True)
     n_tok = n_images * model.layout().n_tokens
     print(f"  building the cache: {n_tok / t_cache:,.0f} tokens/s ({n_images} images)", flush=True)
-    row("c. cache vs on the fly", "training tokens/s, fp16 cache vs on-the-fly extraction",
-        ratio(rate["cache"], rate["on the fly"]))
+    row("c. cache vs on the fly", "cache_vs_on_the_fly", "training tokens/s, fp16 cache vs on-the-fly extraction",
+        rate["cache"] / rate["on the fly"])
 
 
 def main() -> None:
@@ -293,7 +374,9 @@ def main() -> None:
     sections = sys.argv[1:] or ["a", "b", "c", "e"]
     t0 = time.time()
     for s in sections:
-        {"a": bench_sae_step, "b": bench_extraction, "c": bench_cache_vs_on_the_fly, "e": bench_layers}[s]()
+        {"a": bench_sae_step, "b": bench_extraction, "c": bench_cache_vs_on_the_fly, "e": bench_layers,
+         "t": bench_topk_interleaved}[s]()
+    write_results("bench.py " + " ".join(sections), time.time() - t0)
     print(f"\nbenchmark summary (python benchmarks/bench.py {' '.join(sections)}; {time.time() - t0:.0f} s, "
           f"{torch.get_num_threads()} threads; after a warm-up, best of {STEP_REPS} SAE steps, of {REPS} otherwise)")
     print(f"| section | comparison | ratio |\n|---|---|---|")

@@ -430,3 +430,35 @@ def test_streamed_tokens_with_cls_marks_the_cls_rows(tiny, fm_test):
         assert torch.allclose(x_ND, next(plain), atol=1e-6)
         nearest = torch.cdist(x_ND, pool, compute_mode=CDIST).argmin(dim=1)
         assert cls_N.tolist() == pool_cls[nearest].tolist() and cls_N.any()
+
+
+@pytest.mark.parametrize("dtype,tol", [("bf16", 1e-2), ("fp16", 2e-3)])
+def test_low_precision_extraction_is_within_its_tolerance_of_fp32(built, tiny, fm_test, tmp_path, dtype, tol):
+    """--dtype bf16/fp16 runs the forward under autocast (here on CPU, decoding in 2 worker processes): the
+    cached activations stay within that precision's relative error of the fp32 extraction's (bf16 keeps 8
+    significant bits, fp16 11), are not the fp32 ones (the low precision really ran), and the manifest says
+    which forward made them."""
+    out, _ = built
+    n = 64
+    manifest = build_cache(tiny, fm_test, -2, tmp_path, batch_size=BATCH, shard_images=SHARD, max_images=n,
+                           progress=False, dtype=dtype, workers=2)
+    assert manifest["extract_dtype"] == dtype
+    low = np.load(tmp_path / "shard_00000.npy").astype(np.float32)
+    ref = np.load(out / "shard_00000.npy")[:n].astype(np.float32)
+    rel = np.linalg.norm(low - ref) / np.linalg.norm(ref)
+    assert 0 < rel < tol, rel
+    assert np.array_equal(np.load(tmp_path / "shard_00000.index.npy"), np.load(out / "shard_00000.index.npy")[:n])
+
+
+def test_cache_of_another_precision_is_refused_and_old_caches_are_fp32(built, tiny, fm_test, tmp_path):
+    out, manifest = built
+    assert manifest["extract_dtype"] == "fp32"
+    with pytest.raises(PatchSAEError, match="forward in fp32"):
+        build_cache(tiny, fm_test, -2, out, shard_images=SHARD, max_images=N_IMAGES, progress=False, dtype="bf16")
+    with pytest.raises(PatchSAEError, match="unknown extraction dtype 'fp8'"):
+        build_cache(tiny, fm_test, -2, tmp_path / "x", max_images=8, progress=False, dtype="fp8")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "extract_dtype"}))
+    assert build_cache(tiny, fm_test, -2, old, shard_images=SHARD, max_images=N_IMAGES, progress=False)["n_images"] \
+        == N_IMAGES  # written before the key existed: an fp32 cache, reused

@@ -208,3 +208,21 @@ def test_quickstart_with_the_reference_objective(tiny_clip_dir, tmp_path):
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["contrastive_loss_original"] is None and metrics["cl_batches"] == 0
     assert json.loads((run / "config.json").read_text())["objective"] == "reference"
+
+
+def test_precision_and_worker_options_reach_cache_and_training(tiny_clip_dir, tmp_path, capsys):
+    """--dtype and --sae-dtype are part of the run's config (the cache's manifest and the SAE's training
+    settings record them); --workers decodes in worker processes and is not; a precision the package does
+    not know is refused by the parser."""
+    run = tmp_path / "run"
+    assert cli.main(["cache", "--run", str(run), "--model", str(tiny_clip_dir), "--max-train-images", "40",
+                     "--dtype", "bf16", "--sae-dtype", "bf16", "--expansion", "2", "--workers", "2"]) == 0
+    cfg = Run(run).load_config()
+    assert (cfg.dtype, cfg.sae_dtype) == ("bf16", "bf16")
+    assert json.loads((Run(run).cache_dir("train") / "manifest.json").read_text())["extract_dtype"] == "bf16"
+    assert cli.main(["train", "--run", str(run), "--workers", "2"]) == 0
+    assert json.loads((Run(run).sae_dir / "config.json").read_text())["train"]["sae_dtype"] == "bf16"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["cache", "--run", str(tmp_path / "other"), "--dtype", "fp8"])
+    assert exc.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err

@@ -120,6 +120,42 @@ def test_iter_batches_respects_indices_and_batch_size(tmp_path):
     assert torch.cat([b[1] for b in batches]).tolist() == [ds.files[i][1] for i in order]
 
 
+class _Fatal:
+    """A dataset whose image 4 raises the package's own error (it must end the run, with its message)."""
+
+    def __init__(self, ds):
+        self.ds, self.name, self.split, self.class_names = ds, ds.name, ds.split, ds.class_names
+
+    def __len__(self):
+        return len(self.ds)
+
+    def load(self, i):
+        if i == 4:
+            raise PatchSAEError("image 4: the archive is not what the registry says")
+        return self.ds.load(i)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_worker_processes_give_the_same_batches(tmp_path, batch_size):
+    """Decoding in DataLoader workers yields the serial loop's batches exactly (unreadable images skipped and
+    recorded, batches re-cut around them, the order kept), and a PatchSAEError keeps its one-line message."""
+    root = tmp_path / "w"
+    _make_folder(root, {"a": 5, "b": 6})
+    (root / "a" / "img_7.jpg").write_bytes(b"not a jpeg")
+    (root / "b" / "img_8.png").write_bytes(b"nor a png")
+    ds = open_dataset(str(root), "train")
+    order = [10, 0, 3, 12, 1, 2, 11, 4, 5, 6, 7, 8, 9]
+    serial_skips, worker_skips = SkipLog(), SkipLog()
+    serial = list(iter_batches(ds, PRE, batch_size, order, serial_skips))
+    workers = list(iter_batches(ds, PRE, batch_size, order, worker_skips, workers=2, pin_memory=True))
+    assert serial_skips.count == 2 and worker_skips.skipped == serial_skips.skipped
+    assert [len(b[2]) for b in workers] == [len(b[2]) for b in serial]
+    for (px, lbl, idx), (px2, lbl2, idx2) in zip(serial, workers):
+        assert torch.equal(px, px2) and torch.equal(lbl, lbl2) and torch.equal(idx, idx2)
+    with pytest.raises(PatchSAEError, match="^image 4: the archive is not what the registry says$"):
+        list(iter_batches(_Fatal(ds), PRE, batch_size, workers=2))
+
+
 def test_empty_image_folder_fails_clearly(tmp_path):
     root = tmp_path / "empty"
     (root / "a").mkdir(parents=True)

@@ -112,6 +112,28 @@ def test_finish_from_block_output_equals_image_features(tiny, pixels, layer):
     assert torch.allclose(resumed, full, atol=1e-5, rtol=0)
 
 
+def test_models_load_with_sdpa_attention_equal_to_eager(tiny_clip_dir, tiny, pixels):
+    """Both loaders ask transformers for PyTorch's SDPA attention; it computes the eager attention's
+    activations (to float rounding)."""
+    from transformers import CLIPModel
+
+    from patchsae.models.openai_format import load_openai_checkpoint
+
+    assert tiny.hf.config._attn_implementation == "sdpa"
+    assert tiny.hf.vision_model.config._attn_implementation == "sdpa"
+    eager = ClipModel(CLIPModel.from_pretrained(str(tiny_clip_dir), attn_implementation="eager").eval(),
+                      tiny.tokenizer, tiny.preprocess, "eager", tiny.templates)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.block_output(pixels, -2), eager.block_output(pixels, -2), atol=1e-5,
+                                   rtol=1e-5)
+    from safetensors.torch import save_file
+    from test_openai_format import SMALL, random_openai_sd  # the OpenAI layout at a small size
+
+    path = tiny_clip_dir.parent / "openai_sdpa.safetensors"
+    save_file(random_openai_sd(**SMALL), str(path))
+    assert load_openai_checkpoint(path)[0].config._attn_implementation == "sdpa"
+
+
 def test_tiny_matches_hf(tiny, pixels):
     with torch.no_grad():
         out = tiny.hf.get_image_features(pixel_values=pixels, output_hidden_states=True)

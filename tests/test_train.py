@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from patchsae import PatchSAEError
-from patchsae.sae.checkpoint import load_sae, load_training_state, save_sae
+from patchsae.sae.checkpoint import load_sae, load_training_state, save_sae, save_training_state
 from patchsae.sae.model import SAE, SAEConfig
-from patchsae.sae.train import TrainConfig, train_sae
+from patchsae.sae.train import TrainConfig, make_optimizer, train_sae, train_step
 
 from helpers import MemTokens, _data
 
@@ -91,12 +91,45 @@ def test_resume_after_interruption_gives_identical_weights(full_run, tmp_path, e
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert wa.keys() == wb.keys()
     for k in wa:
-        assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), (k, (wa[k] - wb[k]).abs().max())
+        assert torch.equal(wa[k], wb[k]), (k, (wa[k] - wb[k]).abs().max())  # bit-identical
     steps = _log_steps(b)
     assert steps == sorted(set(steps)) == list(range(1, 41))
     assert _log_rows(b) == _log_rows(a)  # same losses at every step, as numbers
     assert json.loads((b / "config.json").read_text())["tokens_trained"] == 40 * 64
     assert _tmp_files(b) == []
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_fused_adam_continues_bit_identically_from_a_checkpoint(tmp_path, arch):
+    """The trainer's Adam is the fused kernel, and a checkpoint restores it exactly: its moments come back in
+    each parameter's own memory layout (W_enc is column-major; restored row-major, the fused kernel paired
+    moments with the wrong entries and a resumed run diverged by 0.2 within a step)."""
+    cfg = SAEConfig(d_model=16, d_sae=64, arch=arch, k=4)
+    x = _data()[:128]
+
+    def steps(sae, opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            sae.loss(x)[0].backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    a = SAE(cfg)
+    a.init_from_sample(x)
+    opt_a = make_optimizer(a, 1e-2)
+    assert opt_a.defaults["fused"]
+    steps(a, opt_a, 3)
+    save_training_state(tmp_path / "c.safetensors", a, opt_a, torch.zeros(64, dtype=torch.long), 3, {})
+    b = SAE(cfg)
+    opt_b = make_optimizer(b, 1e-2)
+    assert load_training_state(tmp_path / "c.safetensors", b, opt_b)[0] == 3
+    steps(a, opt_a, 2)
+    steps(b, opt_b, 2)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt_b.state[pb][key].stride() == pb.stride(), (name, key)
+            assert torch.equal(opt_a.state[pa][key], opt_b.state[pb][key]), (name, key)
 
 
 def test_resumed_train_log_is_written_like_an_uninterrupted_one(full_run, tmp_path):
@@ -232,3 +265,43 @@ def test_load_refuses_garbage_config_json(tmp_path):
 def test_load_without_files(tmp_path):
     with pytest.raises(PatchSAEError):
         load_sae(tmp_path)
+
+
+def test_sae_dtype_sets_matmul_precision_only_while_training(tmp_path, monkeypatch):
+    """--sae-dtype bf16 trains with bf16 float32-matmuls (torch's "medium" precision) and puts the process-wide
+    setting back afterwards, also when training fails; an unknown value is refused in one line."""
+    seen = []
+    real_step = train_step
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr("patchsae.sae.train.train_step", spy)
+    before = torch.get_float32_matmul_precision()
+    cfg = replace(TRAIN_CFG, total_tokens=3 * 64, sae_dtype="bf16")
+    train_sae(SAE_CFG, cfg, MemTokens(_data()), tmp_path / "a", progress=False)
+    assert seen == ["medium"] * 3 and torch.get_float32_matmul_precision() == before
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["train"]["sae_dtype"] == "bf16"
+    with pytest.raises(RuntimeError):
+        train_sae(SAE_CFG, cfg, MemTokens(_data(), fail_after=1), tmp_path / "b", progress=False)
+    assert torch.get_float32_matmul_precision() == before
+    with pytest.raises(PatchSAEError, match="unknown SAE matmul dtype 'fp8'"):
+        replace(TRAIN_CFG, sae_dtype="fp8")
+
+
+def test_checkpoint_from_before_sae_dtype_existed_resumes(tmp_path):
+    """A checkpoint whose saved training settings lack a later-added key (sae_dtype) resumes with its default."""
+    from safetensors import safe_open
+
+    with pytest.raises(RuntimeError):
+        train_sae(SAE_CFG, TRAIN_CFG, MemTokens(_data(), fail_after=10), tmp_path, progress=False)
+    ckpt = tmp_path / "checkpoint.safetensors"
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    info = json.loads(meta["info"])
+    del info["train"]["sae_dtype"]
+    save_file(tensors, str(ckpt), metadata={**meta, "info": json.dumps(info)})
+    source = MemTokens(_data())
+    train_sae(SAE_CFG, TRAIN_CFG, source, tmp_path, progress=False)
+    assert source.produced == 40 - 7

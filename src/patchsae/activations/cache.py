@@ -3,7 +3,8 @@
 On-disk format (version "patchsae-activations/1"), one folder per (model, layer, dataset, split); several blocks
 extracted together (`build_caches`) give one such folder each, from one forward pass per image:
   manifest.json            written last, atomically: model, layer, d_model, dataset, split, class_names,
-                           token layout (kind of every token row), dtype, shards, image count, skipped images
+                           token layout (kind of every token row), dtype, shards, image count, skipped images,
+                           the forward's precision ("extract_dtype": fp32, bf16 or fp16; absent = fp32)
   shard_NNNNN.npy          float16 array (images, tokens, d_model), NumPy .npy, memory-mappable
   shard_NNNNN.index.npy    int64 array (images, 2): dataset index and label of each row
   progress.json            while extraction runs: what is being extracted (shard size, image count)
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from patchsae import PatchSAEError
+from patchsae.activations.precision import autocast, check_dtype
 from patchsae.data.base import LabelledImages, SkipLog, check_not_empty, iter_batches
 from patchsae.dist import Dist
 from patchsae.models.clip import ClipModel
@@ -34,37 +36,43 @@ FORMAT = "patchsae-activations/1"
 SHARD_NAME = re.compile(r"shard_[0-9]{5}(\.index)?\.npy")  # names only: a manifest never points outside
 
 
-def cache_identity(model: ClipModel, ds: LabelledImages, layer: int, max_images: int | None) -> dict:
+IDENTITY_DEFAULTS = {"extract_dtype": "fp32"}  # what a manifest written before the key existed holds
+
+
+def cache_identity(model: ClipModel, ds: LabelledImages, layer: int, max_images: int | None,
+                   dtype: str = "fp32") -> dict:
     return {"format": FORMAT, "model": model.name, "layer": model.resolve_layer(layer), "d_model": model.d_model,
-            "dataset": ds.name, "split": ds.split, "max_images": max_images}
+            "dataset": ds.name, "split": ds.split, "max_images": max_images, "extract_dtype": check_dtype(dtype)}
 
 
 def _check_identity(out_dir: Path, manifest: dict, ident: dict) -> dict:
-    if {k: manifest.get(k) for k in ident} != ident:
+    if {k: manifest.get(k, IDENTITY_DEFAULTS.get(k)) for k in ident} != ident:
         raise PatchSAEError(f"{out_dir} holds a cache of something else ({manifest.get('model')}, layer "
-                            f"{manifest.get('layer')}, {manifest.get('dataset')}/{manifest.get('split')}); "
-                            "use another run directory")
+                            f"{manifest.get('layer')}, {manifest.get('dataset')}/{manifest.get('split')}, forward in "
+                            f"{manifest.get('extract_dtype', 'fp32')}); use another run directory")
     return manifest
 
 
 def build_cache(model: ClipModel, ds: LabelledImages, layer: int, out_dir: str | Path, batch_size: int = 256,
                 shard_images: int = 4096, max_images: int | None = None, progress: bool = True,
-                dist: Dist = Dist()) -> dict:
+                dist: Dist = Dist(), dtype: str = "fp32", workers: int = 0) -> dict:
     """Write the cache (or finish a killed extraction, or return an existing matching one); return manifest.
-    Under torchrun every rank calls it with its `dist` and gets the manifest."""
-    return build_caches(model, ds, [layer], [out_dir], batch_size, shard_images, max_images, progress, dist)[0]
+    Under torchrun every rank calls it with its `dist` and gets the manifest. `dtype`: the forward's precision
+    (activations/precision.py); `workers`: image-decoding processes (data.base.iter_batches)."""
+    return build_caches(model, ds, [layer], [out_dir], batch_size, shard_images, max_images, progress, dist, dtype,
+                        workers)[0]
 
 
 def build_caches(model: ClipModel, ds: LabelledImages, layers: list[int], out_dirs: list[str | Path],
                  batch_size: int = 256, shard_images: int = 4096, max_images: int | None = None,
-                 progress: bool = True, dist: Dist = Dist()) -> list[dict]:
+                 progress: bool = True, dist: Dist = Dist(), dtype: str = "fp32", workers: int = 0) -> list[dict]:
     """`build_cache` for several blocks at once, block layers[i] into out_dirs[i]: every image runs once, up to
     the deepest block still missing, and each folder is the same file for file as a one-block cache of its
     block. Folders already complete are checked and kept."""
     out_dirs = [Path(d) for d in out_dirs]
     todo = []
     for layer, out_dir in zip(layers, out_dirs):
-        ident = cache_identity(model, ds, layer, max_images)
+        ident = cache_identity(model, ds, layer, max_images, dtype)
         if (out_dir / "manifest.json").exists():
             manifest_file = out_dir / "manifest.json"
             _check_identity(out_dir, _check_manifest(manifest_file, read_json_file(manifest_file, "cache manifest")),
@@ -72,12 +80,12 @@ def build_caches(model: ClipModel, ds: LabelledImages, layers: list[int], out_di
         else:
             todo.append((model.resolve_layer(layer), out_dir, ident))
     if todo:
-        _extract(model, ds, todo, batch_size, shard_images, max_images, progress, dist)
+        _extract(model, ds, todo, batch_size, shard_images, max_images, progress, dist, dtype, workers)
     return [read_json(out_dir / "manifest.json") for out_dir in out_dirs]
 
 
 def _extract(model: ClipModel, ds: LabelledImages, todo: list, batch_size: int, shard_images: int,
-             max_images: int | None, progress: bool, dist: Dist) -> None:
+             max_images: int | None, progress: bool, dist: Dist, dtype: str = "fp32", workers: int = 0) -> None:
     """Extract every (block, folder, identity) of `todo`, resuming each folder's done shards; then manifests."""
     check_not_empty(ds)
     n_total = min(len(ds), max_images) if max_images else len(ds)
@@ -97,7 +105,8 @@ def _extract(model: ClipModel, ds: LabelledImages, todo: list, batch_size: int, 
                    if not (out_dir / f"shard_{k:05d}.done.json").exists()]
         if missing:
             _extract_shard(model, ds, missing, k, range(k * shard_images, min((k + 1) * shard_images, n_total)),
-                           batch_size, f"cache {ds.split} shard {k + 1}/{n_shards}" if progress and dist.is_main else None)
+                           batch_size, f"cache {ds.split} shard {k + 1}/{n_shards}" if progress and dist.is_main else None,
+                           dtype, workers)
     dist.barrier()
     if dist.is_main:
         for _, out_dir, ident in todo:
@@ -106,7 +115,7 @@ def _extract(model: ClipModel, ds: LabelledImages, todo: list, batch_size: int, 
 
 
 def _extract_shard(model: ClipModel, ds: LabelledImages, targets: list[tuple[int, Path]], k: int, order: range,
-                   batch_size: int, desc: str | None) -> None:
+                   batch_size: int, desc: str | None, dtype: str = "fp32", workers: int = 0) -> None:
     """Shard k's arrays in each (block, folder) of `targets`, then its done-records (the mark that the shard is
     complete). Activations go straight into memory-mapped files, so memory holds one batch, not the shard (1.2 GB
     at ViT-B/16 x 4,096 images per block)."""
@@ -116,8 +125,12 @@ def _extract_shard(model: ClipModel, ds: LabelledImages, targets: list[tuple[int
     with contextlib.ExitStack() as stack:
         tmps = [stack.enter_context(atomic_path(final)) for final in finals]
         acts = [np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape) for tmp in tmps]
-        for pixels, labels, idx in iter_batches(ds, model.preprocess, batch_size, order, skips, desc):
-            for a, h_BTD in zip(acts, model.block_outputs(pixels, layers)):
+        batches = iter_batches(ds, model.preprocess, batch_size, order, skips, desc, workers=workers,
+                               pin_memory=model.device.type == "cuda")
+        for pixels, labels, idx in batches:
+            with torch.no_grad(), autocast(dtype, model.device):
+                h_LBTD = model.block_outputs(pixels, layers)
+            for a, h_BTD in zip(acts, h_LBTD):
                 if not torch.isfinite(h_BTD).all():
                     raise PatchSAEError(f"non-finite activations for images {idx[:5].tolist()}... of {ds.name}")
                 a[n: n + len(h_BTD)] = h_BTD.to(torch.float16).cpu().numpy()

@@ -13,6 +13,7 @@ import torch
 
 from patchsae import PatchSAEError
 from patchsae.activations.cache import ActivationCache
+from patchsae.activations.precision import autocast, check_dtype
 
 # DINOv2's register tokens are kept apart by default (like visual prompt tokens): they hold global scratch state,
 # not image content at a place, so only the sets that name them train on them
@@ -129,8 +130,10 @@ class StreamedTokens:
     """On-the-fly extraction with no cache: each step runs the model on a deterministic set of images and
     takes a shuffled selection of their tokens. Slower per token; for one-off runs and huge datasets."""
 
-    def __init__(self, model, ds, layer: int, tokens: str = "all", seed: int = 0, images_per_step: int = 0):
+    def __init__(self, model, ds, layer: int, tokens: str = "all", seed: int = 0, images_per_step: int = 0,
+                 dtype: str = "fp32", workers: int = 0):
         self.model, self.ds, self.layer, self.seed = model, ds, model.resolve_layer(layer), seed
+        self.dtype, self.workers = check_dtype(dtype), workers  # forward precision, image-decoding processes
         self.positions = token_positions(model.layout().kinds(), tokens)
         self.cls_P = cls_positions(model.layout().kinds(), self.positions)
         self.n_tokens = len(ds) * len(self.positions)
@@ -140,8 +143,10 @@ class StreamedTokens:
         from patchsae.data.base import iter_batches
 
         out = []
-        for pixels, _, _ in iter_batches(self.ds, self.model.preprocess, 256, indices):
-            h_BTD = self.model.block_output(pixels, self.layer)
+        for pixels, _, _ in iter_batches(self.ds, self.model.preprocess, 256, indices, workers=self.workers,
+                                         pin_memory=self.model.device.type == "cuda"):
+            with torch.no_grad(), autocast(self.dtype, self.model.device):
+                h_BTD = self.model.block_output(pixels, self.layer)
             out.append(h_BTD[:, torch.from_numpy(self.positions)].reshape(-1, h_BTD.shape[-1]))
         if not out:
             return torch.empty(0, self.model.d_model)

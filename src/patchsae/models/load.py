@@ -79,6 +79,11 @@ def _family(source: str, local: bool) -> Family:
     raise PatchSAEError(f"{source}: model_type {model_type!r} is not a supported backbone (supported: {known})")
 
 
+# PyTorch's fused scaled-dot-product attention (flash / memory-efficient kernels on a GPU), asked for by name so
+# that a transformers default changing does not silently bring back the eager softmax(QK^T)V
+ATTENTION = "sdpa"
+
+
 def _load_hf(source: str, local: bool, device: str, hf_class: str = "CLIPModel", tokenizer: bool = True):
     import transformers
     from transformers.utils import logging as hf_logging
@@ -86,7 +91,8 @@ def _load_hf(source: str, local: bool, device: str, hf_class: str = "CLIPModel",
     hf_logging.disable_progress_bar()
     what = hf_class.removesuffix("Model")
     try:
-        model = getattr(transformers, hf_class).from_pretrained(source, local_files_only=local)
+        model = getattr(transformers, hf_class).from_pretrained(source, local_files_only=local,
+                                                               attn_implementation=ATTENTION)
         tok = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local) if tokenizer else None
     except OSError as exc:
         if local:

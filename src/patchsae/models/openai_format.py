@@ -286,7 +286,9 @@ def load_openai_checkpoint(path: str | Path, device: str = "cpu", tokenizer: str
     if tok is not None:  # HF pools the text tower at the first end-of-text token
         cfg.text_config.eos_token_id = cfg.text_config.pad_token_id = tok.eos_token_id
         cfg.text_config.bos_token_id = tok.bos_token_id
-    model = CLIPModel(cfg)
+    from patchsae.models.load import ATTENTION
+
+    model = CLIPModel._from_config(cfg, attn_implementation=ATTENTION)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:  # shapes that disagree with the derived config

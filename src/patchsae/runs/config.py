@@ -58,6 +58,12 @@ class RunConfig:
     seed: int = opt(0, "random seed (initialisation and token order)", show_default=False)
     device: str = opt("cpu", "cpu or cuda", show_default=False)
     batch_images: int = opt(256, "images per forward pass when extracting", show_default=False)
+    dtype: str = opt("fp32", "precision of the model's forward when extracting activations: fp32, or bf16 / fp16 "
+                     "under autocast (GPU tensor cores; AMX on recent CPUs); the cache is fp16 either way",
+                     choices=("fp32", "bf16", "fp16"), show_default=False)
+    sae_dtype: str = opt("fp32", "precision of the SAE's matmuls in training: fp32 (exact), tf32 (CUDA tensor cores) "
+                         "or bf16 (GPU tensor cores; oneDNN/AMX on CPU); weights and Adam stay fp32",
+                         choices=("fp32", "tf32", "bf16"), show_default=False)
 
     def __post_init__(self):
         if self.layers is not None:  # one spelling, so a config read back from JSON equals the one given

@@ -137,4 +137,18 @@ def load_training_state(path: str | Path, sae: SAE, opt: torch.optim.Optimizer) 
         if st:
             opt_state["state"][i] = st
     opt.load_state_dict(opt_state)
+    _match_param_layout(opt)
     return step, tensors["since_fired"].long(), info
+
+
+def _match_param_layout(opt: torch.optim.Optimizer) -> None:
+    """Give every restored per-parameter state tensor its parameter's strides. A checkpoint stores tensors
+    contiguous, but W_enc is a transposed (column-major) parameter, and the fused Adam kernel walks a parameter,
+    its gradient and its moments as flat memory: moments restored row-major were paired with the wrong entries,
+    so a resumed run diverged. The multi-tensor Adam indexes by shape and never saw the difference."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            for key, val in st.items():
+                if torch.is_tensor(val) and val.shape == p.shape and val.stride() != p.stride():
+                    st[key] = torch.empty_strided(p.shape, p.stride(), dtype=val.dtype, device=val.device).copy_(val)

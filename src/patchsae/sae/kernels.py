@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from patchsae.sae.topk_select import latent_sums
+
 
 class Workspaces:
     """(tokens x d_sae) workspaces reused from step to step: on CPU a fresh 800 MB tensor (4,096 x 49,152)
@@ -25,8 +27,9 @@ class GatherPreActs(torch.autograd.Function):
     """vals_NK = pre_NS[n, idx_NK] where pre_NS = (x_ND - b_dec) @ W_enc + b_enc (x already scaled) was
     computed without a graph.
 
-    The backward touches only the gathered (token, latent) pairs, as sparse products, instead of the dense
-    (tokens x d_sae) gradient autograd would build through pre_NS. x is data and gets no gradient, so b_dec's
+    The backward touches only the gathered (token, latent) pairs, as sparse products (embedding bags over the
+    pairs sorted by latent, sae/topk_select.latent_sums), instead of the dense (tokens x d_sae) gradient
+    autograd would build through pre_NS. x is data and gets no gradient, so b_dec's
     gradient through the encoder is -W_enc (sum of the gathered gradients per latent): a GEMV, not the
     (tokens x d_model) sparse product a gradient for x would need."""
 
@@ -39,12 +42,10 @@ class GatherPreActs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_NK):
         xc_ND, W_enc, idx_NK, rows = ctx.saved_tensors
-        n, s = len(xc_ND), W_enc.shape[1]
-        if rows is None:
-            rows = torch.arange(n, device=idx_NK.device).repeat_interleave(idx_NK.shape[1])
+        s = W_enc.shape[1]
         cols, g = idx_NK.reshape(-1), g_NK.reshape(-1)
-        g_NS = torch.sparse_coo_tensor(torch.stack([rows, cols]), g, (n, s), check_invariants=False)
-        gW = torch.sparse.mm(g_NS.t(), xc_ND).t() if ctx.needs_input_grad[1] else None
+        # (d_sae, d_model) rows transposed: the layout of W_enc itself, so autograd keeps it without a copy
+        gW = latent_sums(idx_NK, g_NK, rows, xc_ND, s).t() if ctx.needs_input_grad[1] else None
         gb = torch.zeros(s, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
         gb_dec = -(W_enc @ gb) if ctx.needs_input_grad[3] else None
         return None, gW, gb if ctx.needs_input_grad[2] else None, gb_dec, None, None, None

@@ -8,12 +8,12 @@ from pathlib import Path
 from patchsae import PatchSAEError
 from patchsae.dist import Dist
 from patchsae.runs import Run, RunConfig
-from patchsae.stages.setup import ConfigOptions, dry_run, init_run, model_for
+from patchsae.stages.setup import ConfigOptions, ExtractOptions, dry_run, init_run, model_for
 
 NAME = "cache"
 HELP = "extract the hooked block's activations of the training split into an fp16 cache"
 RUN_HELP = "run directory (created if missing)"
-OPTIONS = (RunConfig, ConfigOptions)
+OPTIONS = (RunConfig, ConfigOptions, ExtractOptions)
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,13 @@ class CacheReport:
     d_model: int
 
 
-def run(run: Run, model=None, progress: bool = True, dist: Dist = Dist()) -> CacheReport:
+def run(run: Run, model=None, progress: bool = True, dist: Dist = Dist(), workers: int = 0) -> CacheReport:
     """The first report is the run's first block; `run_layers` has one per block of a multi-layer run."""
-    return run_layers(run, model, progress, dist)[0]
+    return run_layers(run, model, progress, dist, workers)[0]
 
 
-def run_layers(run: Run, model=None, progress: bool = True, dist: Dist = Dist()) -> list[CacheReport]:
+def run_layers(run: Run, model=None, progress: bool = True, dist: Dist = Dist(), workers: int = 0
+               ) -> list[CacheReport]:
     """Cache every hooked block of the run from one forward pass per image (one block unless --layers)."""
     from patchsae.activations.cache import build_caches
     from patchsae.data import open_dataset
@@ -51,7 +52,7 @@ def run_layers(run: Run, model=None, progress: bool = True, dist: Dist = Dist())
     views = [run] if cfg.layers is None else [Run(run.path, layer) for layer in layers]
     folders = [v.cache_dir(cfg.train_split) for v in views]
     ms = build_caches(model, ds, layers, folders, batch_size=cfg.batch_images, max_images=cfg.max_train_images,
-                      progress=progress, dist=dist)
+                      progress=progress, dist=dist, dtype=cfg.dtype, workers=workers)
     return [CacheReport(f, m["split"], m["layer"], m["n_images"], m["n_tokens_per_image"], m["d_model"])
             for f, m in zip(folders, ms)]
 
@@ -66,6 +67,6 @@ def cli(args) -> None:
         print(dry_run(args))
         return
     run_, dist = init_run(args)
-    reports = run_layers(run_, dist=dist)
+    reports = run_layers(run_, dist=dist, workers=getattr(args, "workers", 0))
     if dist.is_main:
         print("\n".join(map(format_report, reports)))

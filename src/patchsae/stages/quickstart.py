@@ -10,13 +10,13 @@ from dataclasses import asdict, dataclass
 from patchsae import PatchSAEError
 from patchsae.runs import Run, RunConfig
 from patchsae.stages import cache, evaluate, train
-from patchsae.stages.setup import ConfigOptions, dry_run, model_for
+from patchsae.stages.setup import ConfigOptions, ExtractOptions, dry_run, model_for
 from patchsae.stages.train import LogOptions
 
 NAME = "quickstart"
 HELP = "cache, train and evaluate in one go (defaults: embedded model on Fashion-MNIST); writes summary.json"
 RUN_HELP = "run directory (created if missing)"
-OPTIONS = (RunConfig, evaluate.EvaluateOptions, ConfigOptions, LogOptions)
+OPTIONS = (RunConfig, evaluate.EvaluateOptions, ConfigOptions, LogOptions, ExtractOptions)
 
 
 @dataclass(frozen=True)
@@ -74,14 +74,14 @@ def format_summary(summary: Summary) -> str:
 
 
 def run(run_: Run, cfg: RunConfig, overrides: dict, progress: bool = True, cl_batch_size: int = 128,
-        log: str = "none") -> Summary:
+        log: str = "none", workers: int = 0) -> Summary:
     t0 = time.time()
     run_.init(cfg, overrides)
     cfg = run_.load_config()
     model = model_for(cfg)
     print(f"[1/3] caching block {model.resolve_layer(cfg.layer)} activations of {cfg.model} on "
           f"{cfg.dataset}/{cfg.train_split}", file=sys.stderr)
-    cache.run(run_, model, progress)
+    cache.run(run_, model, progress, workers=workers)
     print("[2/3] training the SAE", file=sys.stderr)
     train.run(run_, progress, log=log)
     print(f"[3/3] evaluating on {cfg.dataset}/{cfg.eval_split}", file=sys.stderr)
@@ -104,6 +104,7 @@ def cli(args) -> None:
     ov = overrides(args)
     opts = evaluate.EvaluateOptions(**given(args, evaluate.EvaluateOptions))
     summary = run(Run(args.run), start_config(ov.get("model"), args_preset(args)), ov,
-                  cl_batch_size=opts.cl_batch_size, log=getattr(args, "log", "none"))
+                  cl_batch_size=opts.cl_batch_size, log=getattr(args, "log", "none"),
+                  workers=getattr(args, "workers", 0))
     print(format_summary(summary))
     print(f"wrote {args.run}/summary.json")

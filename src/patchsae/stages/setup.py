@@ -19,6 +19,14 @@ class ConfigOptions:
                         "nothing and loads no model")
 
 
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How images reach the model when extracting (no effect on the results, so not part of the run's config)."""
+
+    workers: int = opt(0, "processes that decode and preprocess images for the model (DataLoader workers, pinned "
+                       "memory on CUDA); 0 decodes in the main process")
+
+
 def overrides(args) -> dict:
     from patchsae.cli import given
 

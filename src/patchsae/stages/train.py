@@ -10,7 +10,7 @@ from patchsae import PatchSAEError
 from patchsae.dist import Dist
 from patchsae.options import opt
 from patchsae.runs import Run, RunConfig
-from patchsae.stages.setup import ConfigOptions, dry_run, init_run, model_for
+from patchsae.stages.setup import ConfigOptions, ExtractOptions, dry_run, init_run, model_for
 
 NAME = "train"
 HELP = "train the SAE on the cached activations (resumes from its last checkpoint)"
@@ -29,7 +29,7 @@ class LogOptions:
                    choices=("none", "tensorboard", "wandb"))
 
 
-OPTIONS = (TrainOptions, LogOptions, RunConfig, ConfigOptions)
+OPTIONS = (TrainOptions, LogOptions, RunConfig, ConfigOptions, ExtractOptions)
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,9 @@ class TrainReport:
 
 
 def run(run: Run, progress: bool = True, on_the_fly: bool = False, dist: Dist = Dist(),
-        log: str = "none") -> TrainReport:
-    """Train on the run's cache, or (on_the_fly) extract activations for every step with no cache. Under
+        log: str = "none", workers: int = 0) -> TrainReport:
+    """Train on the run's cache, or (on_the_fly) extract activations for every step with no cache (decoding
+    images in `workers` processes). Under
     torchrun (`dist`), every rank trains on its slice of each global batch of the cache. `log` names the
     tracker that receives the training curves (and, through DIR/logs/tracker.json, evaluate's metrics). A
     multi-layer run trains one SAE per block, each with the same recipe; the report is the first block's."""
@@ -49,10 +50,10 @@ def run(run: Run, progress: bool = True, on_the_fly: bool = False, dist: Dist = 
         raise PatchSAEError("--on-the-fly trains one block; a multi-layer run trains from its caches")
     if run.layer is None and run.load_config().layers is not None and run.hooked_layers() is None:
         raise PatchSAEError(f"{run.path} hooks several blocks: run `patchsae cache --run {run.path}` first")
-    return [_train_one(v, progress, on_the_fly, dist, log) for v in views][0]
+    return [_train_one(v, progress, on_the_fly, dist, log, workers) for v in views][0]
 
 
-def _train_one(run: Run, progress: bool, on_the_fly: bool, dist: Dist, log: str) -> TrainReport:
+def _train_one(run: Run, progress: bool, on_the_fly: bool, dist: Dist, log: str, workers: int) -> TrainReport:
     from patchsae.activations.cache import ActivationCache
     from patchsae.activations.tokens import CachedTokens, StreamedTokens
     from patchsae.sae.model import SAEConfig
@@ -69,7 +70,7 @@ def _train_one(run: Run, progress: bool, on_the_fly: bool, dist: Dist, log: str)
                                 "to train on several")
         model = model_for(cfg)
         ds = FirstN(open_dataset(cfg.dataset, cfg.train_split, path=cfg.dataset_path), cfg.max_train_images)
-        source = StreamedTokens(model, ds, cfg.layer, cfg.tokens, seed=cfg.seed)
+        source = StreamedTokens(model, ds, cfg.layer, cfg.tokens, seed=cfg.seed, dtype=cfg.dtype, workers=workers)
         d_model, layer = model.d_model, model.resolve_layer(cfg.layer)
     else:
         cache = ActivationCache(run.cache_dir(cfg.train_split))
@@ -79,7 +80,8 @@ def _train_one(run: Run, progress: bool, on_the_fly: bool, dist: Dist, log: str)
                         l1_coeff=cfg.l1_coeff, l0_coeff=cfg.l0_coeff, objective=cfg.objective,
                         mse_cls_coefficient=cfg.mse_cls_coefficient)
     train_cfg = TrainConfig(total_tokens=int(cfg.epochs * source.n_tokens), batch_tokens=cfg.batch_tokens,
-                            lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed, device=cfg.device)
+                            lr=cfg.lr, warmup_steps=cfg.warmup_steps, seed=cfg.seed, device=cfg.device,
+                            sae_dtype=cfg.sae_dtype)
     # every rank gets a tracker when one is asked for (the others a silent one), so all take part in reducing
     # the logged loss parts; only rank 0's writes
     from patchsae.sae.tracking import NoTracker
@@ -125,7 +127,8 @@ def cli(args) -> None:
         print(dry_run(args))
         return
     run_, dist = init_run(args)
-    r = run(run_, on_the_fly=getattr(args, "on_the_fly", False), dist=dist, log=getattr(args, "log", "none"))
+    r = run(run_, on_the_fly=getattr(args, "on_the_fly", False), dist=dist, log=getattr(args, "log", "none"),
+            workers=getattr(args, "workers", 0))
     if dist.is_main:
         for v in run_.layer_runs():
             c = r.sae.cfg
