@@ -177,7 +177,7 @@ def test_class_counts_are_strictly_above_tau(tau):
     f_BTS[0, :3, :] = tau  # many values exactly at the threshold
     f_BTS[1, 2, 4] = float(np.nextafter(np.float32(tau), np.float32(np.inf)))  # the smallest value above it
     labels = torch.tensor([0, 1, 0, 2, 1, 2])
-    acc = LatentAccumulator(d_sae=7, n_classes=3, k=2, tau=tau)
+    acc = LatentAccumulator(d_sae=7, n_classes=3, n_tokens=5, k=2, tau=tau)
     acc.update(f_BTS, labels, torch.arange(6), torch.tensor([False] + [True] * 4))
     expected = torch.zeros(3, 7, dtype=torch.long)
     for b in range(6):

@@ -511,7 +511,7 @@ def test_fuzz_run_config(arena, data):
         hints = typing.get_type_hints(RunConfig)
         for f in fields(RunConfig):
             value, hint = getattr(cfg, f.name), hints[f.name]
-            allowed = tuple(a for a in typing.get_args(hint)) or (hint,)
+            allowed = tuple(typing.get_origin(a) or a for a in typing.get_args(hint)) or (hint,)
             assert isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed), f.name
         return cfg
 

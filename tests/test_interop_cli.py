@@ -45,7 +45,7 @@ def test_saelens_round_trip_gives_the_runs_evaluate_numbers(tiny_run, tmp_path):
     before.pop("tokens_trained")
     assert after.keys() == before.keys()
     for k, v in before.items():
-        if k.endswith("accuracy") or isinstance(v, int):
+        if k.endswith("accuracy") or isinstance(v, (int, str)):
             assert after[k] == v, k
         else:
             assert after[k] == pytest.approx(v, rel=1e-5, abs=1e-9), k

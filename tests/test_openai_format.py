@@ -428,7 +428,7 @@ def test_models_subcommand_lists_sources(capsys):
         assert fragment in sources
     rows = families.splitlines()
     assert [r.split()[0] for r in rows] == ["family", "clip", "siglip", "dinov2", "dinov2-registers"]
-    assert "register" in rows[4] and "not built yet" in rows[4]
+    assert "register" in rows[4] and "linear probe" in rows[4]
     assert "sigmoid" in rows[2] and "no class token" in rows[2]
 
 

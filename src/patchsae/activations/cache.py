@@ -196,8 +196,8 @@ def _check_manifest(mf: Path, m) -> dict:
         raise bad(f"dtype {str(m.get('dtype'))[:20]!r}, expected 'float16'")
     kinds = m.get("layout", {}).get("kinds") if isinstance(m.get("layout"), dict) else None
     if not isinstance(kinds, list) or len(kinds) != m["n_tokens_per_image"] or not all(
-            k in ("cls", "prompt", "patch") for k in kinds):
-        raise bad("layout kinds do not list one of cls/prompt/patch per token")
+            k in ("cls", "prompt", "register", "patch") for k in kinds):
+        raise bad("layout kinds do not list one of cls/prompt/register/patch per token")
     shards = m.get("shards")
     if not isinstance(shards, list) or not shards or not all(
             isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("index_file"), str)

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 
 from patchsae import PatchSAEError
 from patchsae.runs.run import Run
-from patchsae.utils import read_json_file
+from patchsae.utils import read_json, read_json_file
 
 
 def open_run(run: Run):

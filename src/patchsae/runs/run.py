@@ -26,7 +26,7 @@ from pathlib import Path
 
 from patchsae import PatchSAEError
 from patchsae.runs.config import RunConfig
-from patchsae.utils import dataclass_from_json, read_json_file, write_json
+from patchsae.utils import dataclass_from_json, read_json, read_json_file, write_json
 
 
 class Run:
