@@ -17,7 +17,7 @@ from patchsae import PatchSAEError
 
 # subcommands in the order `patchsae --help` lists them; module names under patchsae.stages
 STAGES = ("cache", "train", "evaluate", "quickstart", "models", "datasets", "analyze", "adapt",
-          "compare", "adapt_study", "classify", "serve", "report")
+          "compare", "adapt_study", "classify", "serve", "report", "paper")
 
 
 def _unwrap(tp) -> tuple[object, bool]:

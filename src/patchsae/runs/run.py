@@ -8,6 +8,7 @@ artefact in it, so no other code builds a run path by hand:
                               manifest.json                                         text_head.safetensors
   compare/<name>/             one adapted model vs CLIP            adapt-study/     the adaptation study
   figures/                    every figure                         report/          default static report
+  paper/                      tables.md (`patchsae paper`)
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ class Run:
     @property
     def report_dir(self) -> Path:
         return self.path / "report"
+
+    @property
+    def paper_dir(self) -> Path:
+        """`patchsae paper`'s output: tables.md, the run's numbers beside the paper's."""
+        return self.path / "paper"
 
     # ---- the config ----------------------------------------------------------------------------------------
     def has_results(self) -> bool:
