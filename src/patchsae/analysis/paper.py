@@ -103,11 +103,14 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.2f}"
 
 
-def table1(study_rows: list[tuple[str, ...]] | None) -> tuple[list[str], list[str]]:
-    """Table 1: adapt-study's rows (None if it has not run) above the paper's eleven."""
-    missing = ["Table 1, group columns: ours use the rank rule (high = top-50 by class-level count, low = rank >= "
-               "100 or never counted); the paper's own rule could not be found (docs/adaptation.md), so the "
-               "group columns are not the paper's measure"]
+def table1(study_rows: list[tuple[str, ...]] | None, rule: dict | None = None) -> tuple[list[str], list[str]]:
+    """Table 1: adapt-study's rows (None if it has not run) above the paper's eleven; `rule` = the study's compare
+    options (top_n, low_rank) for naming the group rule used."""
+    top_n = (rule or {}).get("top_n") or 50
+    low_rank = (rule or {}).get("low_rank") or 2 * top_n
+    missing = [f"Table 1, group columns: ours use the rank rule (high = top-{top_n} by class-level count, low = rank "
+               f">= {low_rank} or never counted); the paper's own rule could not be found (docs/adaptation.md), so "
+               "the group columns are not the paper's measure"]
     if study_rows is None:
         missing.insert(0, "Table 1, ours: no DIR/adapt-study/summary.json; run `patchsae adapt-study`")
         study_rows = []

@@ -62,7 +62,8 @@ def run(run: Run) -> PaperReport:
     t2, miss2 = paper.table2(metrics, setting(cfg, metrics))
     f5, miss5 = paper.fig5b(*classify_rows(run))
     study = _json_or_none(run.adapt_study_dir / "summary.json")
-    t1, miss1 = paper.table1(table_rows(study["results"]) if study else None)
+    t1, miss1 = paper.table1(table_rows(study["results"]) if study else None,
+                             study.get("options", {}).get("compare") if study else None)
     missing = miss2 + miss5 + miss1
     lines = [f"# {run.path}: our numbers beside the paper's (PatchSAE, Lim et al., ICLR 2025)", "",
              "## Table 2: SAE training (MSE = the reference's normalised MSE; CL = CLIP's contrastive loss with the "
