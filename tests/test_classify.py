@@ -308,3 +308,15 @@ def test_cli_classify_reference_protocol(quick_run, capsys):
     _, model, sae, _ = open_run(Run(quick_run))
     want, _ = grid.mean_error(model, sae, FashionMNIST("train"), -2, 40, 40, False)
     assert m["splice_shift"]["images"] == 40 and m["splice_shift"]["value"] == pytest.approx(want)
+
+
+def test_a_constant_splice_shift_cannot_change_a_prediction(tiny):
+    """Every block reads the residual stream through a LayerNorm, and so does the head (ln_post), which subtracts
+    each token's mean over dimensions: adding one constant to every coordinate of a token changes nothing
+    downstream. So the reference's SAE_BIAS shift is a no-op for Fig 5b (docs/method.md)."""
+    ds = FirstN(FashionMNIST("test"), 8)
+    pixels, _, _ = next(iter_batches(ds, tiny.preprocess, 8))
+    h_BTD = tiny.block_output(pixels, -2)
+    base = tiny.finish_from(h_BTD, -2)
+    for c in (0.105131256516992, -3.0):
+        torch.testing.assert_close(tiny.finish_from(h_BTD + c, -2), base, rtol=1e-4, atol=1e-4)
