@@ -35,12 +35,11 @@ def _json_or_none(path):
         raise PatchSAEError(f"{path}: not valid JSON ({exc})") from None
 
 
-def setting(cfg, metrics: dict | None) -> str:
-    """Our Table 2 row's label: model, block, tokens, SAE."""
+def setting(cfg, sae_meta: dict | None) -> str:
+    """Our Table 2 row's label: model, block (as trained, from the SAE's config when there is one), tokens, SAE."""
     sae = f"{cfg.arch}" + (f" ({cfg.objective} objective, lambda {cfg.l1_coeff:g})" if cfg.arch == "relu" else "")
-    l0 = metrics.get("l0") if metrics else None
-    return (f"{cfg.model}, block {cfg.layer}, {cfg.tokens} tokens, x{cfg.expansion} {sae}"
-            + ("" if l0 is None else f", L0 = {l0:.1f}"))
+    layer = (sae_meta or {}).get("layer", cfg.layer)
+    return f"{cfg.model}, block {layer}, {cfg.tokens} tokens, x{cfg.expansion} {sae}"
 
 
 def classify_rows(run: Run) -> tuple[list[dict] | None, dict | None]:
@@ -59,7 +58,7 @@ def run(run: Run) -> PaperReport:
 
     cfg = run.load_config()
     metrics = _json_or_none(run.eval_metrics_file)
-    t2, miss2 = paper.table2(metrics, setting(cfg, metrics))
+    t2, miss2 = paper.table2(metrics, setting(cfg, _json_or_none(run.sae_dir / "config.json")))
     f5, miss5 = paper.fig5b(*classify_rows(run))
     study = _json_or_none(run.adapt_study_dir / "summary.json")
     t1, miss1 = paper.table1(table_rows(study["results"]) if study else None,
