@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -161,7 +163,7 @@ def test_text_head_is_cached_by_model_classes_and_templates(tiny, tmp_path, monk
     path = tmp_path / "classify" / "text_head.safetensors"
     head = cached_text_head(tiny, ["a", "b"], path)
     calls = []
-    monkeypatch.setattr(tiny, "text_head", lambda names: calls.append(names) or torch.zeros(len(names), 16))
+    monkeypatch.setattr(tiny, "text_head", lambda names, **_: calls.append(names) or torch.zeros(len(names), 16))
     torch.testing.assert_close(cached_text_head(tiny, ["a", "b"], path), head)
     assert calls == []
     assert cached_text_head(tiny, ["a", "c"], path).abs().sum() == 0 and calls == [["a", "c"]]
@@ -225,3 +227,96 @@ def test_counts_from_cache_equal_a_streaming_pass(quick_run):
     assert n == m == 40 and streamed.sum() > 0
     # the cache is fp16: allow the rare token that sits right at tau
     assert (streamed - cached).abs().sum() <= 0.01 * streamed.sum()
+
+
+# ---- the reference protocol (issue 13) -------------------------------------------------------------------------
+
+def test_text_head_not_renormalised_is_the_plain_mean_of_normalised_prompts(tiny, tmp_path):
+    classes, templates = ["cat", "ankle boot", "7"], ["a photo of a {}.", "{}", "a blurry photo of the {}."]
+    head = tiny.text_head(classes, templates, renormalise=False)
+    want = []
+    for c in classes:  # one prompt at a time, normalised in numpy: independent of the batched path
+        embs = [tiny.text_features([t.format(c)])[0].double().numpy() for t in templates]
+        want.append(sum(e / (e ** 2).sum() ** 0.5 for e in embs) / len(embs))
+    torch.testing.assert_close(head.double(), torch.from_numpy(np.stack(want)), rtol=1e-5, atol=1e-6)
+    assert (head.norm(dim=-1) < 1 - 1e-4).all()  # templates disagree, so the mean is shorter than unit
+    torch.testing.assert_close(tiny.text_head(classes, templates), torch.nn.functional.normalize(head, dim=-1))
+    # the cache keys the choice: each protocol gets its own head back
+    path = tmp_path / "head.safetensors"
+    plain = cached_text_head(tiny, classes, path, renormalise=False)
+    unit = cached_text_head(tiny, classes, path)
+    assert (plain.norm(dim=-1) < 1 - 1e-4).all() and torch.allclose(unit.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_splice_shift_moves_every_spliced_token_and_nothing_else(tiny, monkeypatch):
+    """Every residual the grid finishes, with shift s against shift 0: the spliced rows differ by exactly s at
+    every coordinate of every token; original and error_kept do not move."""
+    model, sae, s = tiny, _random_sae(), 0.37
+    ds = FirstN(FashionMNIST("test"), 12)
+    head_CE, counts_CS = model.text_head(ds.class_names), torch.randint(0, 30, (10, 64))
+    seen: dict[float, list] = {}
+    real = model.finisher
+
+    def recording(shift):
+        def finisher(layer, sample):
+            finish, fast = real(layer, sample)
+            return (lambda r: seen[shift].append(r.clone()) or finish(r)), fast
+        return finisher
+
+    for shift in (0.0, s):
+        seen[shift] = []
+        monkeypatch.setattr(model, "finisher", recording(shift))
+        grid.classify_grid(model, sae, ds, -2, head_CE, counts_CS, (1, 5, None), (0,), None, 12, False, shift)
+    assert len(seen[0.0]) == len(seen[s]) == 3 + 3 * 2 * 3  # baselines + 3 rankings x on/off x 3 ks
+    for i, (a, b) in enumerate(zip(seen[0.0], seen[s])):
+        if i in (0, 2):  # original, error_kept
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+        else:
+            torch.testing.assert_close(b - a, torch.full_like(a, s), rtol=0, atol=1e-5)
+
+
+def test_mean_error_against_a_dense_computation(tiny):
+    sae = _random_sae()
+    ds = FirstN(FashionMNIST("train"), 10)
+    got, n = grid.mean_error(tiny, sae, ds, -2, None, 4, False)
+    pixels, _, _ = next(iter_batches(ds, tiny.preprocess, 10))
+    x = tiny.block_output(pixels, -2).double()
+    with torch.no_grad():
+        want = (x - sae.decode(sae.encode(x.float())).double()).mean().item()
+    assert n == 10 and got == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_cli_classify_reference_protocol(quick_run, capsys):
+    capsys.readouterr()
+    assert cli.main(["classify", "--run", str(quick_run), "--protocol", "reference", "--splice-shift", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert "--splice-shift must be a number or mean-error, not 'abc'" in err and len(err.strip().splitlines()) == 1
+    assert cli.main(["classify", "--run", str(quick_run), "--protocol", "reference", "--rank-split", "train",
+                     "--eval-split", "test"]) == 2
+    assert "ranks and evaluates on one split" in capsys.readouterr().err
+    assert cli.main(["classify", "--run", str(quick_run), "--protocol", "reference", "--max-rank-images", "40",
+                     "--max-eval-images", "40", "--batch-size", "40"]) == 0
+    assert "text head not re-normalised, splice shift 0.105131" in capsys.readouterr().out
+    m = read_json(quick_run / "classify" / "manifest.json")
+    assert (m["protocol"], m["rank_split"], m["eval_split"], m["text_head_renormalised"]) == (
+        "reference", "train", "train", False)
+    assert m["splice_shift"]["value"] == 0.105131256516992
+    assert cli.main(["classify", "--run", str(quick_run), "--protocol", "reference", "--splice-shift", "mean-error",
+                     "--max-rank-images", "40", "--max-eval-images", "40", "--batch-size", "40"]) == 0
+    m = read_json(quick_run / "classify" / "manifest.json")
+    from patchsae.runs.artefacts import open_run
+    _, model, sae, _ = open_run(Run(quick_run))
+    want, _ = grid.mean_error(model, sae, FashionMNIST("train"), -2, 40, 40, False)
+    assert m["splice_shift"]["images"] == 40 and m["splice_shift"]["value"] == pytest.approx(want)
+
+
+def test_a_constant_splice_shift_cannot_change_a_prediction(tiny):
+    """Every block reads the residual stream through a LayerNorm, and so does the head (ln_post), which subtracts
+    each token's mean over dimensions: adding one constant to every coordinate of a token changes nothing
+    downstream. So the reference's SAE_BIAS shift is a no-op for Fig 5b (docs/method.md)."""
+    ds = FirstN(FashionMNIST("test"), 8)
+    pixels, _, _ = next(iter_batches(ds, tiny.preprocess, 8))
+    h_BTD = tiny.block_output(pixels, -2)
+    base = tiny.finish_from(h_BTD, -2)
+    for c in (0.105131256516992, -3.0):
+        torch.testing.assert_close(tiny.finish_from(h_BTD + c, -2), base, rtol=1e-4, atol=1e-4)

@@ -11,6 +11,10 @@ and `none,error_kept` (reconstruction plus the SAE error term: must equal `origi
 <selection>,on|off,k for each ranking; k is capped at d_sae (k = d_sae is "all": "on" then equals
 `reconstruction` and "off" leaves only the decoder bias).
 
+`shift` (the reference protocol's constant, `classify --splice-shift`) is added to every coordinate of every
+spliced token of the reconstruction and masked rows; `error_kept` adds the error of that shifted splice, so it
+still equals `original`.
+
 Speed: one forward to the hooked block per batch of images serves the whole grid; the SAE code of each token is
 kept sparse (analysis/codes.py), so a mask costs one `embedding_bag` over the decoder; and the last block runs for
 the CLS query only when the model offers that fast finish.
@@ -78,7 +82,7 @@ def grid_rows(ks: Sequence[int], seeds: Sequence[int]) -> list[GridRow]:
 
 def classify_grid(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, head: Classifier | torch.Tensor,
                   counts_CS: torch.Tensor, ks: Sequence[int | None], seeds: Sequence[int], max_images: int | None,
-                  batch_size: int, progress: bool = True) -> tuple[Tally, dict]:
+                  batch_size: int, progress: bool = True, shift: float = 0.0) -> tuple[Tally, dict]:
     """The masking grid of `classify`: class-level, dataset-level and random rankings x on/off x k, plus the
     baselines, evaluated on `ds` (see run_grid)."""
     d_sae = sae.cfg.d_sae
@@ -87,16 +91,17 @@ def classify_grid(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, he
     rankings = {("class", None): rank_positions(counts_CS), ("dataset", None): rank_positions(counts_CS.sum(0))}
     rankings.update({("random", s): random_positions(d_sae, s) for s in seeds})
     tally, info = run_grid(model, sae, ds, layer, head, rankings, grid_rows(ks, seeds), max_images, batch_size,
-                           progress)
+                           progress, shift)
     return tally, {**info, "ks": ks}
 
 
 @torch.no_grad()
 def run_grid(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, head: Classifier | torch.Tensor,
              rankings: dict[tuple, torch.Tensor], rows: Sequence[GridRow], max_images: int | None,
-             batch_size: int, progress: bool = True) -> tuple[Tally, dict]:
+             batch_size: int, progress: bool = True, shift: float = 0.0) -> tuple[Tally, dict]:
     """Evaluate every grid row on `ds`; one block_output per batch, one cheap finish per row. A masked row
-    (selection, mode, k, variant) keeps or removes the top k of rankings[(selection, variant)]."""
+    (selection, mode, k, variant) keeps or removes the top k of rankings[(selection, variant)]; every spliced
+    decoding is moved by the constant `shift`."""
     sae = sae.to(model.device).eval()
     clf = as_classifier(model, head)
     C = len(ds.class_names)
@@ -115,18 +120,20 @@ def run_grid(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, head: C
         labels = labels.to(model.device)
         tally.total_C += torch.bincount(labels.cpu(), minlength=C)
         n_img += len(labels)
-        _grid_batch(sae, h_BTD, labels, clf, rankings, rows, rows_T, all_rows, finish, tally)
+        _grid_batch(sae, h_BTD, labels, clf, rankings, rows, rows_T, all_rows, finish, tally, shift)
     if n_img == 0:
         raise PatchSAEError(f"no readable images in {ds.name}/{ds.split} ({skips.count} skipped)")
     return tally, {"images": n_img, "skipped": skips.count, "fast_last_block": fast,
                    "seconds": round(time.time() - t0, 1)}
 
 
-def _grid_batch(sae, h_BTD, labels_B, clf, rankings, rows, rows_T, all_rows, finish, tally) -> None:
+def _grid_batch(sae, h_BTD, labels_B, clf, rankings, rows, rows_T, all_rows, finish, tally, shift: float = 0.0
+                ) -> None:
     """All grid rows for one batch of images."""
     codes = SparseCodes(sae, h_BTD[:, rows_T])
 
     def classify(row: GridRow, x_BID: torch.Tensor) -> None:
+        x_BID = x_BID + shift if shift and row.mode != "error_kept" else x_BID
         if all_rows:
             resid_BTD = x_BID
         else:
@@ -137,12 +144,33 @@ def _grid_batch(sae, h_BTD, labels_B, clf, rankings, rows, rows_T, all_rows, fin
     tally.add(GridRow("none", "original", None), clf.logits(finish(h_BTD)).argmax(-1), labels_B)
     xhat_BID = codes.decode()
     classify(GridRow("none", "reconstruction", None), xhat_BID)
-    classify(GridRow("none", "error_kept", None), xhat_BID + (h_BTD[:, rows_T] - xhat_BID))
+    splice_BID = xhat_BID + shift
+    classify(GridRow("none", "error_kept", None), splice_BID + (h_BTD[:, rows_T] - splice_BID))
     entry_pos = {key: codes.positions(image_positions(pos, labels_B)) for key, pos in rankings.items()}
     for row in rows:
         if row.selection != "none":
             pos_BTK = entry_pos[(row.selection, row.variant)]
             classify(row, codes.decode(keep_mask(pos_BTK, row.k, row.mode)))
+
+
+@torch.no_grad()
+def mean_error(model: ClipModel, sae: SAE, ds: LabelledImages, layer: int, max_images: int | None, batch_size: int,
+               progress: bool = True) -> tuple[float, int]:
+    """(mean of x - x_hat over every coordinate of every image token, images): the constant that a splice shift
+    such as the reference's SAE_BIAS estimates (`classify --splice-shift mean-error`)."""
+    rows_T, _ = image_rows(model)
+    sae = sae.to(model.device).eval()
+    total, count, n = 0.0, 0, 0
+    order = range(min(len(ds), max_images)) if max_images else None
+    for pixels, labels, _ in iter_batches(ds, model.preprocess, batch_size, order, SkipLog(),
+                                          "mean error" if progress else None):
+        x_BID = model.block_output(pixels, layer)[:, rows_T].float()
+        total += float((x_BID - SparseCodes(sae, x_BID).decode()).double().sum())
+        count += x_BID.numel()
+        n += len(labels)
+    if n == 0:
+        raise PatchSAEError(f"no readable images in {ds.name}/{ds.split} to measure the mean error")
+    return total / count, n
 
 
 def result_rows(tally: Tally, ks: Sequence[int], seeds: Sequence[int]) -> list[dict]:

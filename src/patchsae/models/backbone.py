@@ -175,14 +175,16 @@ class Backbone(ABC):
         raise PatchSAEError(f"{self.name} has no text tower")
 
     @torch.no_grad()
-    def text_head(self, class_names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+    def text_head(self, class_names: Sequence[str], templates: Sequence[str] | None = None,
+                  renormalise: bool = True) -> torch.Tensor:
         """Zero-shot classifier (classes, E): per class, the normalised mean of the normalised embeddings of its
-        prompts (CLIP's prompt ensembling)."""
+        prompts (CLIP's prompt ensembling). renormalise=False keeps the plain mean, as the reference code's
+        masking experiment does (a class whose prompts disagree then gets a shorter, weaker row)."""
         templates = tuple(templates or self.templates)
         prompts = [t.format(c) for c in class_names for t in templates]
         emb_PE = F.normalize(self.text_features(prompts), dim=-1)
-        emb_CTE = emb_PE.view(len(class_names), len(templates), -1)
-        return F.normalize(emb_CTE.mean(1), dim=-1)
+        mean_CE = emb_PE.view(len(class_names), len(templates), -1).mean(1)
+        return F.normalize(mean_CE, dim=-1) if renormalise else mean_CE
 
     @torch.no_grad()
     def logits(self, image_features_BE: torch.Tensor, head_CE: torch.Tensor) -> torch.Tensor:

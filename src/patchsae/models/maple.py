@@ -170,8 +170,10 @@ class MapleModel(ClipModel):
                           for i in range(0, len(prompts), batch_size)])
 
     @torch.no_grad()
-    def text_head(self, class_names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
-        """Classifier (classes, E): the normalised learnt-prompt embedding of each class name."""
+    def text_head(self, class_names: Sequence[str], templates: Sequence[str] | None = None,
+                  renormalise: bool = True) -> torch.Tensor:
+        """Classifier (classes, E): the normalised learnt-prompt embedding of each class name (one prompt per
+        class, so the head is unit-norm with or without `renormalise`)."""
         return F.normalize(self.text_features(list(class_names)), dim=-1)
 
 

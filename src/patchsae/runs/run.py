@@ -10,6 +10,7 @@ artefact in it, so no other code builds a run path by hand:
   figures/                    every figure                         report/          default static report
   logs/                       tracker output of `train --log`, tracker.json
   probe.safetensors           the linear probe of a model without a text tower (DINOv2), with its accuracies
+  paper/                      tables.md (`patchsae paper`)
 
 A run of several blocks (`cache --layers`) adds layers.json (the hooked blocks, resolved) and keeps every
 per-layer artefact of block L under a `layer<L>` folder: cache/<split>/layer<L>/, sae/layer<L>/,
@@ -153,6 +154,11 @@ class Run:
     def tracker_file(self) -> Path:
         """Which tracker `train --log` used, so `evaluate` adds its metrics to the same logs."""
         return self.logs_dir / "tracker.json"
+
+    @property
+    def paper_dir(self) -> Path:
+        """`patchsae paper`'s output: tables.md, the run's numbers beside the paper's."""
+        return self.path / "paper"
 
     # ---- the config ----------------------------------------------------------------------------------------
     def has_results(self) -> bool:

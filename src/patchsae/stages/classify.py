@@ -4,7 +4,12 @@ and random rankings), evaluate the masking grid on another; write DIR/classify/m
 DIR/classify/manifest.json (last) and DIR/figures/masking_accuracy.png.
 
 Counts come from the cheapest source that holds exactly them: `analyze`'s statistics of the rank split, the run's
-activation cache of that split, or a streaming pass."""
+activation cache of that split, or a streaming pass.
+
+`--protocol reference` is the paper's Fig 5b protocol (the reference code's masking experiment): rank and evaluate
+on one split (the run's training split unless given), a text head that is the plain mean of the normalised
+template embeddings (not re-normalised), and every spliced token shifted by a constant (`--splice-shift`: the
+reference's -SAE_BIAS by default, or `mean-error`, the mean of x - x_hat on the rank split)."""
 
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ from patchsae.analysis.rankings import K_GRID
 from patchsae.options import opt
 from patchsae.runs import Run
 from patchsae.stages.setup import LayerChoice, layer_run
+
+PROTOCOLS = ("ours", "reference")
+REFERENCE_SHIFT = 0.105131256516992  # the reference code splices SAE_out - SAE_BIAS, SAE_BIAS = -0.105131256516992
 
 NAME = "classify"
 HELP = ("top-k masking: accuracy with only the top-k latents kept (or removed), ranked by class / dataset / random; "
@@ -37,6 +45,14 @@ class ClassifyOptions:
     seeds: tuple[int, ...] = opt((0, 1, 2), "seeds of the random rankings", cli=False)
     ks: tuple[int | None, ...] = opt(K_GRID, "the k grid (None = all latents)", cli=False)
     batch_size: int = opt(256, "images per forward pass")
+    protocol: str = opt("ours", "ours: rank and evaluate on different splits, unit-norm text head, plain splice; "
+                        "reference: the paper's Fig 5b protocol (one split, the run's training split unless given; "
+                        "text head not re-normalised; every spliced token shifted by --splice-shift)",
+                        choices=PROTOCOLS)
+    splice_shift: str | None = opt(None, "constant added to every coordinate of every spliced token: a number, or "
+                                   "mean-error (the mean of x - x_hat on the rank split); default "
+                                   f"{REFERENCE_SHIFT} under --protocol reference, 0 under ours",
+                                   metavar="X|mean-error")
 
 
 OPTIONS = (ClassifyOptions, LayerChoice)
@@ -69,43 +85,87 @@ def rank_counts(run: Run, model, sae, ds, layer: int, opts: ClassifyOptions, pro
     return counts_CS, {"source": f"stream {ds.name}/{ds.split}", "images": n}
 
 
+def splits(opts: ClassifyOptions, cfg) -> tuple[str, str]:
+    """(rank split, eval split): different splits under ours; one split under the reference protocol."""
+    if opts.protocol not in PROTOCOLS:
+        raise PatchSAEError(f"--protocol must be one of {', '.join(PROTOCOLS)}, not {opts.protocol!r}")
+    if opts.protocol == "ours":
+        return opts.rank_split or cfg.train_split, opts.eval_split or cfg.eval_split
+    if opts.rank_split and opts.eval_split and opts.rank_split != opts.eval_split:
+        raise PatchSAEError(f"--protocol reference ranks and evaluates on one split; got --rank-split "
+                            f"{opts.rank_split!r} and --eval-split {opts.eval_split!r}")
+    split = opts.rank_split or opts.eval_split or cfg.train_split
+    return split, split
+
+
+def splice_shift(opts: ClassifyOptions, model, sae, ds_rank, layer: int, progress: bool) -> dict:
+    """{"value": the constant added to spliced tokens, "source": where it came from (and images measured)}."""
+    from patchsae.analysis.grid import mean_error
+
+    given = opts.splice_shift
+    if given is None:
+        value = REFERENCE_SHIFT if opts.protocol == "reference" else 0.0
+        return {"value": value, "source": f"default of --protocol {opts.protocol}"}
+    if given == "mean-error":
+        value, n = mean_error(model, sae, ds_rank, layer, opts.max_rank_images, opts.batch_size, progress)
+        return {"value": value, "source": f"mean of x - x_hat on {ds_rank.name}/{ds_rank.split}", "images": n}
+    try:
+        value = float(given)
+    except ValueError:
+        raise PatchSAEError(f"--splice-shift must be a number or mean-error, not {given!r}") from None
+    if value != value or abs(value) == float("inf"):
+        raise PatchSAEError(f"--splice-shift must be finite, not {given!r}")
+    return {"value": value, "source": "--splice-shift"}
+
+
 def run(run: Run, opts: ClassifyOptions = ClassifyOptions(), progress: bool = True) -> ClassifyReport:
     """Rank latents on one split, evaluate the masking grid on another; write DIR/classify and the figure."""
     from patchsae.analysis.figures import masking_figure
     from patchsae.analysis.grid import classify_grid, metrics_csv, result_rows
     from patchsae.data import open_dataset
     from patchsae.analysis.probe import classifier_for
+    from patchsae.models.classifier import TextClassifier
+    from patchsae.models.text_head import cached_text_head
     from patchsae.runs.artefacts import open_run
     from patchsae.utils import atomic_path, write_json
 
     t0 = time.time()
     cfg = run.load_config()
     dataset = opts.dataset or cfg.dataset
-    rank_split, eval_split = opts.rank_split or cfg.train_split, opts.eval_split or cfg.eval_split
-    if rank_split == eval_split and not opts.allow_same_split:
+    rank_split, eval_split = splits(opts, cfg)
+    if rank_split == eval_split and not opts.allow_same_split and opts.protocol == "ours":
         raise PatchSAEError(f"latents would be ranked and evaluated on the same split {eval_split!r}; choose "
                             "different --rank-split/--eval-split or pass --allow-same-split")
     for name, n in (("--max-rank-images", opts.max_rank_images), ("--max-eval-images", opts.max_eval_images)):
         if n is not None and n < 1:
             raise PatchSAEError(f"{name} must be at least 1, not {n}")
+    if opts.splice_shift not in (None, "mean-error"):
+        splice_shift(opts, None, None, None, 0, False)  # a bad number fails before any model loads
     cfg, model, sae, layer = open_run(run)
     path = None if opts.dataset else cfg.dataset_path  # the run's local copy, if it has one
     ds_eval = open_dataset(dataset, eval_split, **({"path": path} if path else {}))
     ds_rank = open_dataset(dataset, rank_split, **({"path": path} if path else {}))
     if list(ds_rank.class_names) != list(ds_eval.class_names):
         raise PatchSAEError(f"{dataset}: splits {rank_split!r} and {eval_split!r} have different classes")
-    clf = classifier_for(run, model, ds_eval.class_names, progress=progress)
+    reference = opts.protocol == "reference"
+    if reference and model.has_text:  # the reference's head: the mean of normalised template embeddings, as is
+        clf = TextClassifier(model, cached_text_head(model, ds_eval.class_names, run.text_head_file,
+                                                     renormalise=False))
+    else:
+        clf = classifier_for(run, model, ds_eval.class_names, progress=progress)
     counts_CS, rank_info = rank_counts(run, model, sae, ds_rank, layer, opts, progress)
+    shift = splice_shift(opts, model, sae, ds_rank, layer, progress)
     t_rank = time.time() - t0
     tally, info = classify_grid(model, sae, ds_eval, layer, clf, counts_CS, opts.ks, opts.seeds,
-                                opts.max_eval_images, opts.batch_size, progress)
+                                opts.max_eval_images, opts.batch_size, progress, shift["value"])
     rows = result_rows(tally, info["ks"], opts.seeds)
     with atomic_path(run.classify_dir / "metrics.csv") as tmp:
         tmp.write_text(metrics_csv(rows, ds_eval.class_names))
     title = (f"{model.name} block {layer}, SAE {sae.cfg.d_sae} latents\nranked on {ds_rank.name}/{rank_split} "
              f"({rank_info['images']} images), evaluated on {eval_split} ({info['images']} images)")
     masking_figure(run.figures_dir / "masking_accuracy.png", rows, title)
-    manifest = {"format": "patchsae-classify/1", "dataset": ds_eval.name, "rank_split": rank_split,
+    manifest = {"format": "patchsae-classify/1", "protocol": opts.protocol, "text_head_renormalised": not reference,
+                "splice_shift": shift, "dataset": ds_eval.name, "rank_split": rank_split,
                 "eval_split": eval_split, "rank_images": rank_info["images"], "rank_source": rank_info["source"],
                 "eval_images": info["images"], "eval_skipped": info["skipped"], "model": model.name,
                 "layer": layer, "d_sae": sae.cfg.d_sae, "ks": info["ks"], "class_names": list(ds_eval.class_names),
@@ -125,6 +185,8 @@ def format_report(report: ClassifyReport) -> str:
     return "\n".join([
         f"top-k masking on {m['dataset']}/{m['eval_split']} ({m['eval_images']} images), latents "
         f"ranked on {m['rank_split']} ({m['rank_images']} images, {m['rank_source']})",
+        f"protocol {m['protocol']}: text head {'' if m['text_head_renormalised'] else 'not '}re-normalised, "
+        f"splice shift {m['splice_shift']['value']:.6g} ({m['splice_shift']['source']})",
         format_table(report.rows, m["d_sae"]),
         f"seconds: {m['seconds']}",
     ])
