@@ -74,6 +74,7 @@ def quick_run(tiny_clip_dir, tmp_path_factory):
 
 def test_quickstart_summary(quick_run, tiny_clip_dir):
     summary = json.loads((quick_run / "summary.json").read_text())
+    assert "table2" not in summary  # Table 2's metrics are top-level keys, not a nested copy
     for key in ("model", "dataset", "layer", "d_model", "d_sae", "arch", "tokens_trained", "mse",
                 "explained_variance", "l0_per_token", "dead_fraction", "zero_shot_accuracy", "spliced_accuracy",
                 "zero_ablated_accuracy", "seconds"):

@@ -45,7 +45,8 @@ class Summary:
 
     def to_json(self) -> dict:
         out = asdict(self)
-        return {**out, **out.pop("table2")}
+        table2 = out.pop("table2")  # popped first: the dict is built after, so it holds no nested copy
+        return {**out, **table2}
 
 
 SUMMARY_KEYS = tuple(Summary.__dataclass_fields__)[:15]
