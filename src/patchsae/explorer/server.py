@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from patchsae import PatchSAEError
 from patchsae.analysis.figures import listed_figures
 from patchsae.analysis.kinds import KINDS, SHOWN_BY_DEFAULT
+from patchsae.explorer.blocks import Blocks
 from patchsae.explorer.session import STATIC_DIR, Explorer, NotAnImage, UnknownImage
 
 MAX_UPLOAD = 10 * 1024 * 1024
@@ -133,7 +134,10 @@ class SteerRequest(BaseModel):
     model: str = "base"
 
 
-def create_app(explorer: Explorer, max_upload: int = MAX_UPLOAD, limits: Limits | None = None):
+def create_app(explorer: Explorer | Blocks, max_upload: int = MAX_UPLOAD, limits: Limits | None = None):
+    """The app over one Explorer, or over the blocks of a multi-layer run (every request uses the block the page
+    last switched to)."""
+    blocks = explorer if isinstance(explorer, Blocks) else Blocks.single(explorer)
     limits = limits or Limits(max_upload=max_upload)
     max_upload = limits.max_upload
     app = FastAPI(title="patchsae explorer", docs_url=None, redoc_url=None, openapi_url=None)
@@ -179,51 +183,58 @@ def create_app(explorer: Explorer, max_upload: int = MAX_UPLOAD, limits: Limits 
 
     @app.get("/api/info")
     def info():
-        return {**explorer.info(), "max_upload_bytes": max_upload,
-                "figures": sorted(p.name for p in _figures(explorer))}
+        current = blocks.current
+        return {**current.info(), **blocks.info(), "max_upload_bytes": max_upload,
+                "figures": sorted(p.name for p in _figures(current))}
+
+    @app.post("/api/layer/{layer}")
+    def switch_layer(layer: int):
+        """Show block `layer` of a multi-layer run from now on (uploads must be analysed again there)."""
+        blocks.switch(layer)
+        return info()
 
     @app.post("/api/analyze")
     async def analyze_upload(file: UploadFile = File(...)):
         data = await file.read(max_upload + 1)
         if len(data) > max_upload:
             return error(413, too_large(max_upload))
-        return explorer.analyze(explorer.add_upload(data, Path(file.filename or "upload").name))
+        return blocks.current.analyze(blocks.current.add_upload(data, Path(file.filename or "upload").name))
 
     @app.post("/api/analyze/dataset/{index}")
     def analyze_dataset(index: int):
-        return explorer.analyze(explorer.add_dataset(index))
+        return blocks.current.analyze(blocks.current.add_dataset(index))
 
     @app.get("/api/images/{image}/patch")
     def patch(image: str, row: int, col: int, n: int = 10):
-        return explorer.patch(image_id(image), row, col, min(max(n, 1), 100))
+        return blocks.current.patch(image_id(image), row, col, min(max(n, 1), 100))
 
     @app.get("/api/images/{image}/image.png")
     def image_png(image: str, latent: int | None = None, kind: str = "image", model: str = "base"):
         if kind != "image" and latent is None:
             raise PatchSAEError(f"kind={kind} needs a latent")
-        return png(explorer.image_png(image_id(image), latent, kind, model))
+        return png(blocks.current.image_png(image_id(image), latent, kind, model))
 
     @app.get("/api/latents")
     def latents(q: str = "", limit: int = 50, show: str = "default"):
         """show: "default" (class-selective and other), "all" (every live kind) or kinds joined by commas."""
         shown = {"default": SHOWN_BY_DEFAULT, "all": KINDS[:-1]}.get(show) or [k for k in show.split(",") if k]
-        return explorer.search(q[:200], min(max(limit, 1), 1000), shown)
+        return blocks.current.search(q[:200], min(max(limit, 1), 1000), shown)
 
     @app.get("/api/latents/{latent}")
     def latent(latent: int):
-        return explorer.latent(latent)
+        return blocks.current.latent(latent)
 
     @app.get("/api/classes/{index}")
     def class_latents(index: int, n: int = 10, order: str = "specificity"):
-        return explorer.class_latents(index, min(max(n, 1), 100), order)
+        return blocks.current.class_latents(index, min(max(n, 1), 100), order)
 
     @app.post("/api/steer")
     def steer(req: SteerRequest):
-        return explorer.steer(image_id(req.image_id), req.latent, req.scale, req.patches, req.model)
+        return blocks.current.steer(image_id(req.image_id), req.latent, req.scale, req.patches, req.model)
 
     @app.get("/api/figures/{name}")
     def figure(name: str):
-        files = {p.name: p for p in _figures(explorer)}
+        files = {p.name: p for p in _figures(blocks.current)}
         if name not in files:
             return error(404, f"no figure {name!r} in this run")
         return FileResponse(files[name], media_type="image/png")
@@ -248,7 +259,7 @@ def check_listen(host: str, port: int) -> None:
         raise PatchSAEError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
-def serve(explorer: Explorer, host: str = "127.0.0.1", port: int = 7860, max_upload: int = MAX_UPLOAD) -> None:
+def serve(explorer: Explorer | Blocks, host: str = "127.0.0.1", port: int = 7860, max_upload: int = MAX_UPLOAD) -> None:
     import uvicorn
 
     uvicorn.run(create_app(explorer, max_upload), host=host, port=port, log_level="warning")

@@ -32,15 +32,29 @@ OPTIONS = (ExplorerOptions, ServeOptions, LayerChoice)
 
 def open_explorer(run_path: str, adapted: str | None, layer: int | None = None):
     """The run opened for exploring; with `adapted`, the adapted model (MaPLe prompts) beside its CLIP."""
-    from patchsae.explorer.session import Explorer
     from patchsae.runs import Run
+
+    return _opener(adapted)(Run(run_path).at(layer))
+
+
+def open_blocks(run_path: str, adapted: str | None, layer: int | None = None):
+    """`open_explorer` at block `layer`, from which the page can switch to the run's other analysed blocks."""
+    from patchsae.explorer.blocks import Blocks
+    from patchsae.runs import Run
+
+    return Blocks(Run(run_path), _opener(adapted), layer)
+
+
+def _opener(adapted: str | None):
+    """Run (at one block) -> Explorer, with the adapted model beside its CLIP when `adapted` names prompts."""
+    from patchsae.explorer.session import Explorer
 
     adapt = None
     if adapted:
         from patchsae.models.maple import load_adapted
 
         adapt = lambda clip: load_adapted(clip, adapted)  # noqa: E731
-    return Explorer(Run(run_path).at(layer), adapt)
+    return lambda run: Explorer(run, adapt)
 
 
 def cli(args) -> None:
@@ -51,7 +65,7 @@ def cli(args) -> None:
     if o.max_upload_mb <= 0:
         raise PatchSAEError(f"--max-upload-mb must be positive, not {o.max_upload_mb}")
     check_listen(o.host, o.port)
-    explorer = open_explorer(args.run, getattr(args, "adapted", None), getattr(args, "layer", None))
+    explorer = open_blocks(args.run, getattr(args, "adapted", None), getattr(args, "layer", None))
     host = f"[{o.host}]" if ":" in o.host else o.host
     print(f"patchsae explorer for {args.run} on http://{host}:{o.port}/  (Ctrl-C stops it)", flush=True)
     serve(explorer, o.host, o.port, int(o.max_upload_mb * 2**20))

@@ -275,6 +275,14 @@ async function init() {
   $("#run-info").textContent = `run ${info.run} · ${info.model} block ${info.layer} · ${info.d_sae} latents · ` +
     `${info.grid[0]}×${info.grid[1]} patches` + (info.adapted ? ` · adapted: ${info.adapted_model}` : "") +
     (info.sae_origin ? ` · SAE imported (${info.sae_origin.format}) from ${info.sae_origin.source}` : "");
+  if ((info.layers || []).length > 1) {  // a multi-layer run: switch block on the server, then start over there
+    $("#layer").innerHTML = info.layers.map((l) => `<option value="${l}"${l === info.layer ? " selected" : ""}>${l}</option>`).join("");
+    $("#layer-choice").hidden = false;
+    $("#layer").addEventListener("change", async (ev) => {
+      try { await api(`/api/layer/${ev.target.value}`, { method: "POST" }); location.reload(); }
+      catch (e) { ev.target.value = info.layer; /* shown */ }
+    });
+  }
   $("#ds-index").max = Math.max(0, info.dataset.size - 1);
   $("#class-select").innerHTML = info.class_names.map((c, i) => `<option value="${i}">${esc(c)}</option>`).join("");
   $("#figures").innerHTML = info.figures.map((f) =>
