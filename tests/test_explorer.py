@@ -559,6 +559,7 @@ def test_browser_upload_click_patch_select_latent_steer(browser, server, ex, tmp
     page.goto(server + "/")
     page.wait_for_selector("body[data-ready='1']")
     page.wait_for_selector("#latent-list .item")
+    assert page.is_hidden("#layer-choice")  # a single-layer run: no block selector
 
     # the first load, without any click, shows dataset image 0 with its top latents and predictions
     assert "[0]" in page.inner_text("#image-desc") and "ds-0" in page.inner_text("#image-desc")

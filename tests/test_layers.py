@@ -134,6 +134,54 @@ def test_analyze_per_layer_does_not_overwrite(multi_run):
     assert open_explorer(str(multi_run), None, None).layer == 2
 
 
+def _analysed(multi_run):
+    for layer in ("-1", "0"):  # (test_analyze_per_layer wrote these already when the whole file runs)
+        if not Run(multi_run).at(int(layer)).analysis_dir.exists():
+            assert cli.main(["analyze", "--run", str(multi_run), "--layer", layer, "--max-images", "40"]) == 0
+
+
+def _direct_top(ex, img, n=10):
+    """Independent top latents of one image at the explorer's block: block output -> its SAE -> mean over tokens."""
+    import torch
+
+    model = ex.models["base"]
+    with torch.no_grad():
+        h_TD = model.block_output(model.preprocess([img]), ex.layer)[0]
+        vals, ids = ex.sae.encode(h_TD[model.layout().image_token_mask()]).mean(0).topk(n)
+    return [int(i) for i, v in zip(ids, vals) if v > 0], vals
+
+
+def test_explorer_api_switches_block(multi_run):
+    """serve on a multi-layer run: /api/info lists the analysed blocks, POST /api/layer/L switches, and every later
+    request reads block L's SAE and analysis (checked against a direct computation at each block)."""
+    from fastapi.testclient import TestClient
+
+    from patchsae.explorer.server import create_app
+    from patchsae.stages.serve import open_blocks, open_explorer
+
+    _analysed(multi_run)
+    client = TestClient(create_app(open_blocks(str(multi_run), None, None)))
+    info = client.get("/api/info").json()
+    assert (info["layers"], info["layer"]) == ([2, 0], 2)
+    img, _ = FashionMNIST("test").load(3)
+    tops = {}
+    for layer in (2, 0, 2):
+        assert client.post(f"/api/layer/{layer}").json()["layer"] == layer
+        got = client.post("/api/analyze/dataset/3").json()["models"]["base"]["top_latents"]
+        ex = open_explorer(str(multi_run), None, layer)
+        ids, vals = _direct_top(ex, img)
+        assert [g["latent"] for g in got] == ids
+        np.testing.assert_allclose([g["activation"] for g in got], vals[: len(got)].numpy(), atol=1e-4)
+        lat = client.get(f"/api/latents/{ids[0]}").json()  # that block's analysis, not the other's
+        assert lat["fired_images"] == int(ex.stats["fired_S"][ids[0]])
+        tops.setdefault(layer, got)
+    assert tops[2] != tops[0]
+    assert client.post("/api/layer/2").json()["layer"] == 2  # switching back reads block 2 again
+    r = client.post("/api/layer/1")
+    assert r.status_code == 400 and "not one of this run's analysed blocks [2, 0]" in r.json()["error"]
+    assert client.get("/api/info").json()["layer"] == 2  # a refused switch changes nothing
+
+
 def test_complete_block_caches_are_kept(tiny, tmp_path):
     """Adding a block to blocks already cached extracts only the new one; the old folder is left untouched."""
     ds = FashionMNIST("test")
@@ -160,3 +208,37 @@ def test_dry_run_budget_counts_every_block():
     three = budget(replace(preset_config("paper"), layers=("-2", "-5", "-8")))
     assert three["blocks"] == [10, 7, 4] and three["hooked_block"] == one["hooked_block"] == 10
     assert three["cache_bytes_fp16"] == 3 * one["cache_bytes_fp16"] and three["steps"] == one["steps"]
+
+
+def test_browser_block_selector(multi_run):
+    """The page of a multi-layer run shows a block selector; choosing a block reloads the page on that block's SAE."""
+    from test_explorer import CHROMIUM, CHROMIUM_ARGS, start_server
+
+    from patchsae.stages.serve import open_blocks, open_explorer
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    _analysed(multi_run)
+    url, stop = start_server(open_blocks(str(multi_run), None, None))
+    try:
+        with playwright.sync_playwright() as p:
+            b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = b.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            page.wait_for_selector("body[data-ready='1']")
+            assert page.is_visible("#layer") and page.eval_on_selector_all(
+                "#layer option", "os => os.map(o => o.value)") == ["2", "0"]
+            assert page.input_value("#layer") == "2" and "block 2" in page.inner_text("#run-info")
+            with page.expect_navigation():
+                page.select_option("#layer", "0")
+            page.wait_for_selector("body[data-ready='1']")
+            assert page.input_value("#layer") == "0" and "block 0" in page.inner_text("#run-info")
+            img0, _ = FashionMNIST("test").load(0)
+            want, _ = _direct_top(open_explorer(str(multi_run), None, 0), img0)
+            page.wait_for_selector("#image-latents .bar")
+            assert int(page.get_attribute("#image-latents .bar >> nth=0", "data-latent")) == want[0]
+            assert errors == []
+            b.close()
+    finally:
+        stop()
