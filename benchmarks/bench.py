@@ -326,10 +326,10 @@ def bench_layers(batch: int = int(os.environ.get("BENCH_LAYERS_BATCH", 8))) -> N
     runs = {"one block": lambda: model.block_output(px, 10), "three, one pass": lambda: model.block_outputs(px, layers),
             "three passes": lambda: [model.block_output(px, L) for L in layers]}
     times = interleaved_best(runs, max(REPS, 5))
-    row("e. several layers", "three blocks from one pass vs one block (one forward pass; target <= 1.05x)",
-        ratio(times["three, one pass"], times["one block"]))
-    row("e. several layers", "three separate passes vs three blocks from one pass",
-        ratio(times["three passes"], times["three, one pass"]))
+    row("e. several layers", "layers_three_vs_one", "three blocks from one pass vs one block (one forward pass; "
+        "target <= 1.05x)", over(times["three, one pass"], times["one block"]))
+    row("e. several layers", "layers_three_passes_vs_one_pass", "three separate passes vs three blocks from one pass",
+        over(times["three passes"], times["three, one pass"]))
 
 
 # ---- c. cache vs on the fly -----------------------------------------------------------------------------------
