@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench  # noqa: E402  (same folder: shared contenders, rows and the results file)
-from bench import D_MODEL, D_SAE, K, L0_TRAINED, TOKENS, interleaved_best, over, row  # noqa: E402
+from bench import D_MODEL, D_SAE, L0_TRAINED, TOKENS, interleaved_best, over, row  # noqa: E402
 
 EXTRACT_BATCH = 256  # images per forward
 STEP_REPS = 5  # interleaved rounds of the SAE steps (a GPU step takes tens of milliseconds)

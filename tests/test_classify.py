@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchsae import PatchSAEError, cli
+from patchsae import cli
 from patchsae.analysis import counts, grid, rankings
 from patchsae.analysis.codes import SparseCodes, spliced
 from patchsae.stages.classify import ClassifyOptions

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from patchsae import cli
 from patchsae.runs import Run, RunConfig

@@ -11,10 +11,6 @@ the fault gives exactly what an uninterrupted run gives.
 from __future__ import annotations
 
 import errno
-import json
-import os
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np

@@ -22,7 +22,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fuzzing import (PAYLOADS, contained, count, json_values, load_or_error, mutated, mutated_json,
                      payload_object, payload_pickle, torch_bytes, write_counts)

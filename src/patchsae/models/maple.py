@@ -295,7 +295,6 @@ def load_adapted(clip: ClipModel, prompts_path: str | Path, ctx_init: str | None
             sd = load_file(str(path))
         except Exception as exc:  # noqa: BLE001
             raise PatchSAEError(f"{path}: not a readable safetensors file ({one_line(exc)})") from None
-        cfg_file = path.parent / CONFIG_FILE
         meta = read_config(path.parent)
         if meta.get("weights_digest") not in (None, file_digest(path)):
             raise PatchSAEError(f"{path} is not the file {path.parent / CONFIG_FILE} was saved with (a save was "

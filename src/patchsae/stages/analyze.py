@@ -16,7 +16,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 
 from patchsae import PatchSAEError
 from patchsae.analysis import concepts, figures, kinds, latents, patch_maps
