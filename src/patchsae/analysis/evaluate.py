@@ -1,6 +1,6 @@
 """Held-out evaluation of a trained SAE inside its CLIP: reconstruction metrics, and zero-shot accuracy of
-the original model, with the SAE reconstruction spliced into all tokens of the hooked block, and with that
-block's output zero-ablated; Table 2's metrics (sae/metrics.py) and CLIP's contrastive losses with the CLS
+the original model, with the SAE reconstruction spliced into the tokens it was trained on (the run's token
+set; all = CLS and patches), and with that block's output zero-ablated; Table 2's metrics (sae/metrics.py) and CLIP's contrastive losses with the CLS
 token or every token spliced (analysis/contrastive.py). One forward to the hooked block per batch serves all. A
 model without a text tower (DINOv2) is given its run's linear probe instead: the three accuracies are the probe's
 and there are no contrastive losses."""
@@ -22,14 +22,19 @@ from patchsae.sae.model import SAE
 @torch.no_grad()
 def evaluate(model: Backbone, sae: SAE, ds: LabelledImages, layer: int, batch_size: int = 256,
              max_images: int | None = None, progress: bool = True, cl_batch_size: int = 128,
-             classifier: Classifier | None = None) -> tuple[dict, torch.Tensor]:
+             classifier: Classifier | None = None, tokens: str = "all") -> tuple[dict, torch.Tensor]:
     """Return (metrics, per-latent token firing frequency). cl_batch_size: images per contrastive-loss batch
     (0: no contrastive losses); accuracies by `classifier` (default: the model's zero-shot head over the dataset's
-    classes)."""
+    classes). `tokens`: the token set the SAE was trained on (activations/tokens.py); the reconstruction metrics
+    are measured on those rows and the spliced accuracy splices those rows, so a CLS-only SAE is judged on CLS
+    tokens as the paper's Table 2 does."""
+    from patchsae.activations.tokens import token_positions
+
     sae = sae.to(model.device).eval()
     clf = classifier or TextClassifier(model, model.text_head(ds.class_names))
     stats = ReconstructionStats(sae.cfg.d_model, sae.cfg.d_sae)
-    image_rows = model.layout().image_token_mask()
+    image_rows = torch.zeros(len(model.layout().kinds()), dtype=torch.bool)
+    image_rows[torch.from_numpy(token_positions(model.layout().kinds(), tokens))] = True
     correct = {"zero_shot_accuracy": 0, "spliced_accuracy": 0, "zero_ablated_accuracy": 0}
     n = 0
     order = range(min(len(ds), max_images)) if max_images else None
@@ -46,8 +51,9 @@ def evaluate(model: Backbone, sae: SAE, ds: LabelledImages, layer: int, batch_si
         spliced_BTD[:, image_rows] = xhat_BTD[:, image_rows]
         features = {name: model.finish_from(resid, layer) for name, resid in (
             ("original", h_BTD), ("sae_all", spliced_BTD), ("zero_all", torch.zeros_like(h_BTD)))}
-        if contrastive is not None:
-            contrastive.add(h_BTD, labels, features)
+        if contrastive is not None:  # its every-token losses splice every token, whatever the training set
+            contrastive.add(h_BTD, labels, features if tokens == "all" else
+                            {k: v for k, v in features.items() if k != "sae_all"})
         for key, name in (("zero_shot_accuracy", "original"), ("spliced_accuracy", "sae_all"),
                           ("zero_ablated_accuracy", "zero_all")):
             pred = clf.logits(features[name]).argmax(-1)

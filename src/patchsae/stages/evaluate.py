@@ -86,7 +86,7 @@ def run(run: Run, model=None, progress: bool = True, cl_batch_size: int = 128) -
     clf = classifier_for(run, model, ds.class_names, progress=progress)
     cl_batch_size = cl_batch_size if model.has_text else 0  # the contrastive loss needs the text tower
     metrics, freq_S = evaluate(model, sae, ds, cfg.layer, cfg.batch_images, cfg.max_eval_images, progress,
-                               cl_batch_size, clf)
+                               cl_batch_size, clf, cfg.tokens)
     if not cl_batch_size:
         metrics.update({k: None for k in EvalMetrics.__dataclass_fields__ if k.startswith("contrastive_loss")},
                        cl_batch_size=0, cl_batches=0)
