@@ -49,7 +49,7 @@ def test_anchor_rule():
 
 
 STAGES = ["cache", "train", "evaluate", "quickstart", "analyze", "classify", "serve", "report", "adapt", "compare",
-          "adapt-study", "models", "datasets", "import", "export"]
+          "adapt-study", "models", "datasets", "import", "export", "paper", "ablate"]
 
 
 def test_every_stage_option_is_in_the_stages_page(capsys):

@@ -40,6 +40,7 @@ def test_paper_writes_the_tables_and_names_missing_rows(tiny_run, capsys):
     assert "Fig 5b, ours: no DIR/classify/metrics.csv" in missing and "patchsae classify" in missing
     assert "Table 1, ours: no DIR/adapt-study/summary.json; run `patchsae adapt-study`" in missing
     assert "Fig 5b, the paper's numbers" in missing and "rank rule" in missing
+    assert "`patchsae ablate --root DIR`" in missing  # the paper's other Table 2 rows
 
     # after classify under the paper's protocol, Fig 5b's rows come from its metrics.csv
     assert cli.main(["classify", "--run", str(tiny_run), "--protocol", "reference", "--max-rank-images", "30",
@@ -79,4 +80,5 @@ def test_table1_sets_adapt_study_rows_above_the_papers():
     assert lines[2] == "| digits (embedded) | 40.00 / 30.00 | 70.00 / 35.50 | 50.00 | 47.20 / 45.00 | 1.00 / 0.00 | " \
                        "2.50 / — |"
     assert len(lines) == 2 + 1 + 11 and not any("Table 1, ours" in m for m in missing)
-    assert paper.table2(None, "x")[1] == ["Table 2, ours (x): no eval/metrics.json; run `patchsae evaluate`"]
+    assert paper.table2(None, "x")[1] == [paper.ABLATION_ROWS_MISSING,
+                                          "Table 2, ours (x): no eval/metrics.json; run `patchsae evaluate`"]

@@ -18,7 +18,7 @@ from patchsae import PatchSAEError
 # subcommands in the order `patchsae --help` lists them; module names under patchsae.stages
 STAGES = ("cache", "train", "evaluate", "quickstart", "models", "datasets", "analyze", "adapt",
           "compare", "adapt_study", "classify", "probe", "serve", "report", "import_sae", "export",
-          "paper")
+          "paper", "ablate")
 CONFIG_HELP = ("JSON or TOML file (by its .toml suffix) of option names and values, e.g. a run's own "
                "config.json; a table named after the stage applies to that stage only; the command line overrides it")
 

@@ -17,6 +17,8 @@ PAPER_TABLE2 = (
     ("paper: ViT-B/16, all tokens, layer 8", "0.0010", "2.034", "2.063", "14.730", "182.07"),
     ("paper: ViT-B/16, all tokens, layer 5", "0.0007", "2.039", "2.039", "10.670", "298.97"),
 )
+ABLATION_ROWS_MISSING = ("Table 2, ours beside the paper's ablation rows (CLS only, layers 8 and 5): a run holds one "
+                         "SAE; `patchsae ablate --root DIR` trains one run per row and writes them in this layout")
 # metrics.json keys of our Table 2 row, in TABLE2_HEAD's order after the setting
 TABLE2_KEYS = ("normalized_mse", "contrastive_loss_sae_cls", "contrastive_loss_original", "l1", "l0")
 
@@ -57,7 +59,7 @@ def _num(x) -> str:
 
 def table2(metrics: dict | None, setting: str) -> tuple[list[str], list[str]]:
     """Table 2: our row from eval/metrics.json (None if absent) above the paper's rows."""
-    missing = []
+    missing = [ABLATION_ROWS_MISSING]
     if metrics is None:
         missing.append(f"Table 2, ours ({setting}): no eval/metrics.json; run `patchsae evaluate`")
         rows = []
@@ -115,3 +117,21 @@ def table1(study_rows: list[tuple[str, ...]] | None, rule: dict | None = None) -
         missing.insert(0, "Table 1, ours: no DIR/adapt-study/summary.json; run `patchsae adapt-study`")
         study_rows = []
     return markdown(TABLE1_HEAD, list(study_rows) + paper_table1_rows()), missing
+
+
+# `patchsae ablate`: Table 2's columns, then two of ours that say how good a row's SAE is on this model
+ABLATION_HEAD = TABLE2_HEAD + ("EV", "spliced acc. %")
+PAPER_TABLE2_BY_LABEL = {r[0]: r for r in PAPER_TABLE2}
+
+
+def ablation_table(entries: Sequence[tuple[str, dict | None, str | None]]) -> list[str]:
+    """Table 2's layout for the ablation: per entry (setting, eval/metrics.json or None when the row did not
+    run, label of the paper's row for the same setting or None) our row, then the paper's where it printed one."""
+    rows = []
+    for setting, metrics, paper_label in entries:
+        m = metrics or {}
+        rows.append((f"ours: {setting}", *(_num(m.get(k)) for k in TABLE2_KEYS), _num(m.get("explained_variance")),
+                     _pct(m.get("spliced_accuracy"))))
+        if paper_label is not None:
+            rows.append((*PAPER_TABLE2_BY_LABEL[paper_label], "—", "—"))
+    return markdown(ABLATION_HEAD, rows)
