@@ -34,6 +34,9 @@ def stage_argv(stage: str, run: Path, model: Path) -> list[str]:
         "adapt": ["adapt", "--out", str(run / "adapt"), "--model", str(model), "--shots", "2", "--epochs", "2",
                   "--batch-size", "4", "--max-eval-images", "16"],
         "report": ["report", "--run", str(run), "--out", str(run / "site"), "--top", "3", "--class-top", "1"],
+        "ablate": ["ablate", "--root", str(run / "ablation"), "--model", str(model), "--max-train-images", "48",
+                   "--max-eval-images", "16", "--budget-tokens", "1024", "--batch-tokens", "256", "--warmup-steps",
+                   "2", "--cl-batch-size", "8", "--batch-images", "16"],
     }[stage]
 
 
@@ -41,7 +44,7 @@ RESUME_RECORDS = ("progress.json", ".done.json")  # what an unfinished extractio
 
 # each stage starts from the finished run of the stage before it in this order
 PREVIOUS = {"cache": None, "train": "cache", "analyze": "train", "classify": "analyze", "adapt": "classify",
-            "report": "adapt"}
+            "report": "adapt", "ablate": "report"}
 
 
 @pytest.fixture(scope="module")

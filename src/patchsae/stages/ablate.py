@@ -140,10 +140,11 @@ def _row(root: Path, row: AblationRow, shared: Run, budget_tokens: int, model, c
 
 
 def _link(link: Path, target: Path) -> None:
-    """The row's cache folder as a relative link to the shared one (kept if it is already there)."""
-    if link.exists() or link.is_symlink():
-        if link.resolve() != target.resolve():
-            raise PatchSAEError(f"{link} exists and is not the shared cache {target}; use a new --root")
+    """The row's cache folder as a relative link to the shared one; kept if it is there already, or if it is a
+    folder of its own (a copy of the root made without keeping links)."""
+    if link.is_symlink() and link.resolve() != target.resolve():
+        raise PatchSAEError(f"{link} links to {link.resolve()}, not to the shared cache {target}; use a new --root")
+    if link.exists():
         return
     link.parent.mkdir(parents=True, exist_ok=True)
     tmp = link.with_name(f".{link.name}.tmp")
