@@ -13,6 +13,11 @@ from patchsae import cli
 from patchsae.runs import RunConfig
 from patchsae.runs.ablation import AblationRow, base_config, equivalent_block, rows, training_bytes
 
+
+def sig4(x: float) -> str:
+    """The tables' number format: four significant digits, trailing zeros kept."""
+    return f"{x:#.4g}".rstrip(".")
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -95,8 +100,8 @@ def test_ablate_runs_every_row_on_one_cache_and_writes_the_table(tiny_clip_dir, 
         assert r["metrics"] == metrics
         # the table's row holds this run's Table 2 numbers
         line = next(x for x in out.splitlines() if x.startswith(f"| ours: {r['setting']} |"))
-        assert line.split(" | ")[1] == f"{metrics['normalized_mse']:.4g}"
-        assert line.split(" | ")[5] == f"{metrics['l0']:.4g}"
+        assert line.split(" | ")[1] == sig4(metrics['normalized_mse'])
+        assert line.split(" | ")[5] == sig4(metrics['l0'])
         # every row trains on the budget: 2,000 tokens, in whole steps of 250
         sae_meta = json.loads((run / "sae" / "config.json").read_text())
         assert sae_meta["tokens_trained"] == 2000

@@ -13,6 +13,11 @@ from patchsae.runs import Run
 from patchsae.stages.adapt_study import table_rows
 from patchsae.utils import read_json
 
+
+def sig4(x: float) -> str:
+    """The tables' number format: four significant digits, trailing zeros kept."""
+    return f"{x:#.4g}".rstrip(".")
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -31,9 +36,9 @@ def test_paper_writes_the_tables_and_names_missing_rows(tiny_run, capsys):
     m = read_json(tiny_run / "eval" / "metrics.json")
     ours = next(line for line in text.splitlines() if line.startswith("| ours: "))
     cells = [c.strip() for c in ours.strip("|").split("|")]
-    assert cells[1] == f"{m['normalized_mse']:.4g}" and cells[4] == f"{m['l1']:.4g}" and cells[5] == f"{m['l0']:.4g}"
+    assert cells[1] == sig4(m['normalized_mse']) and cells[4] == sig4(m['l1']) and cells[5] == sig4(m['l0'])
     for k, cell in zip(("contrastive_loss_sae_cls", "contrastive_loss_original"), cells[2:4]):
-        assert cell == ("—" if m[k] is None else f"{m[k]:.4g}")
+        assert cell == ("—" if m[k] is None else sig4(m[k]))
     assert "| paper: ViT-B/16, all tokens, layer 11 (PatchSAE) | 0.0025 | 1.885 | 1.962 | 28.300 | 148.56 |" in text
     assert text.count("(paper, ViT-B/16)") == 11  # all of Table 1's rows
     missing = text.split("## Rows not filled")[1]

@@ -54,7 +54,8 @@ def markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 
 def _num(x) -> str:
-    return "—" if x is None else f"{x:.4g}"
+    """Four significant digits, trailing zeros kept (3.000, not 3), as the paper prints its columns."""
+    return "—" if x is None else f"{x:#.4g}".rstrip(".")
 
 
 def table2(metrics: dict | None, setting: str) -> tuple[list[str], list[str]]:
