@@ -65,6 +65,11 @@ def test_training_bytes_counts_the_sae_adam_and_a_step():
     assert torch.float32.itemsize == 4
 
 
+def _stamps(root, names) -> dict:
+    return {(n, f): (root / n / f).stat().st_mtime_ns for n in names
+            for f in ("sae/model.safetensors", "eval/metrics.json")}
+
+
 def _ablate(tiny_clip_dir, root, *extra):
     return cli.main(["ablate", "--root", str(root), "--model", str(tiny_clip_dir), "--max-train-images", "60",
                      "--max-eval-images", "30", "--budget-tokens", "2000", "--batch-tokens", "250",
@@ -113,9 +118,10 @@ def test_ablate_runs_every_row_on_one_cache_and_writes_the_table(tiny_clip_dir, 
 
     # rerun with the memory back: the finished rows are kept as they are, the skipped one runs
     monkeypatch.undo()
-    done = {n: (root / n / "sae" / "model.safetensors").stat().st_mtime_ns for n in names if n != "x128"}
+    kept = [n for n in names if n != "x128"]
+    done = _stamps(root, kept)
     assert _ablate(tiny_clip_dir, root) == 0
-    assert {n: (root / n / "sae" / "model.safetensors").stat().st_mtime_ns for n in done} == done
+    assert _stamps(root, kept) == done  # neither retrained nor re-evaluated
     summary = json.loads((root / "ablation.json").read_text())
     assert summary["rows"][4]["skipped"] is None and summary["rows"][4]["metrics"]["l0"] > 0
     assert "Rows not run" not in (root / "ablation.md").read_text()

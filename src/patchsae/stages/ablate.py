@@ -120,8 +120,9 @@ def _row(root: Path, row: AblationRow, shared: Run, budget_tokens: int, model, c
     from patchsae.utils import read_json
 
     run_ = Run(root / row.name)
+    sae_config = run_.sae_dir / "config.json"  # save_sae writes it after the weights: it marks a finished SAE
     need = training_bytes(row.cfg, model.d_model)
-    if not run_.sae_weights.exists() and need > MEMORY_SHARE * available:
+    if not sae_config.exists() and need > MEMORY_SHARE * available:
         why = (f"training needs about {need / 2**30:.1f} GiB, more than {MEMORY_SHARE:.0%} of the "
                f"{available / 2**30:.1f} GiB available")
         print(f"{row.name}: skipped: {why}", file=sys.stderr)
@@ -129,11 +130,11 @@ def _row(root: Path, row: AblationRow, shared: Run, budget_tokens: int, model, c
     t0 = time.time()
     _init(run_, replace(row.cfg, epochs=budget_tokens / _row_tokens(shared, row.cfg)))
     _link(run_.cache_dir(row.cfg.train_split), _cache_of(shared, row.cfg))
-    if not run_.sae_weights.exists():
+    if not sae_config.exists():
         print(f"{row.name}: training ({row.setting})", file=sys.stderr)
         train.run(run_, progress)
-    metrics_file = run_.eval_metrics_file
-    if not metrics_file.exists() or metrics_file.stat().st_mtime < run_.sae_weights.stat().st_mtime:
+    metrics_file = run_.eval_metrics_file  # evaluate writes it last
+    if not metrics_file.exists() or metrics_file.stat().st_mtime < sae_config.stat().st_mtime:
         print(f"{row.name}: evaluating", file=sys.stderr)
         evaluate.run(run_, model, progress, cl_batch_size)
     return RowResult(row, run_.path, read_json(metrics_file), None, time.time() - t0)

@@ -91,10 +91,12 @@ def run(run: Run, model=None, progress: bool = True, cl_batch_size: int = 128) -
         metrics.update({k: None for k in EvalMetrics.__dataclass_fields__ if k.startswith("contrastive_loss")},
                        cl_batch_size=0, cl_batches=0)
     report = EvalMetrics(**metrics, tokens_trained=meta.get("tokens_trained"))
-    write_json(run.eval_metrics_file, report.to_json())
-    _track(run, report, meta)
     log_density_figure(freq_S, run.figures_dir / "log_density.png",
                        f"{cfg.model} block {model.resolve_layer(cfg.layer)}, {cfg.dataset}/{cfg.eval_split}")
+    # written after the figure: a metrics file newer than the SAE means the whole evaluation finished (ablate
+    # skips such rows; a kill between the two writes leaves no metrics, so the rerun evaluates again)
+    write_json(run.eval_metrics_file, report.to_json())
+    _track(run, report, meta)
     return report
 
 
