@@ -51,6 +51,9 @@ def test_rows_each_change_one_setting_of_the_papers_recipe():
     small = rows(base_config("some/clip", {}), 3)
     assert small[0].cfg.l1_coeff == 8e-5 and small[0].cfg.layer == 1
     assert [r.name for r in small if r.group in ("default", "layer")] == ["default", "layer2"]
+    assert all(r.unavailable is None for r in plan)
+    no_cls = rows(base, 6, has_cls=False)  # SigLIP: the CLS row is listed with its reason, every other row runs
+    assert [r.name for r in no_cls if r.unavailable] == ["cls"] and "no CLS token" in no_cls[4].unavailable
 
 
 def test_training_bytes_counts_the_sae_adam_and_a_step():
@@ -134,3 +137,18 @@ def test_ablate_runs_every_row_on_one_cache_and_writes_the_table(tiny_clip_dir, 
     assert err[-1].startswith("patchsae: error: ") and "was created with epochs=" in err[-1]
     assert "use a new run directory" in err[-1]
     assert (root / "ablation.md").read_text() == table
+
+
+def test_a_row_the_model_cannot_run_is_listed_with_why(tiny_clip_dir, tmp_path, monkeypatch):
+    """A model without a CLS token (SigLIP): the CLS-only row is named in the table with the reason, not run."""
+    from patchsae.runs import ablation
+
+    real = ablation.rows
+    monkeypatch.setattr(ablation, "rows", lambda base, n, has_cls=True: [
+        r for r in real(base, n, has_cls=False) if r.name in ("default", "cls")])
+    root = tmp_path / "ablation"
+    assert _ablate(tiny_clip_dir, root) == 0
+    summary = json.loads((root / "ablation.json").read_text())
+    assert [(r["name"], r["skipped"] is None) for r in summary["rows"]] == [("default", True), ("cls", False)]
+    assert not (root / "cls").exists()
+    assert "- CLS token only: the model has no CLS token" in (root / "ablation.md").read_text()

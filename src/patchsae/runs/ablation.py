@@ -33,6 +33,7 @@ class AblationRow:
     group: str  # layer, tokens, expansion or lambda
     cfg: RunConfig
     paper: str | None = None  # label of the paper's Table 2 row for the same setting, if it printed one
+    unavailable: str | None = None  # why this model cannot run the row (it is then listed, not run)
 
 
 def recipe(base: RunConfig, n_blocks: int) -> RunConfig:
@@ -51,9 +52,10 @@ def base_config(model: str | None, given: dict) -> RunConfig:
     return replace(cfg, **given)
 
 
-def rows(base: RunConfig, n_blocks: int) -> list[AblationRow]:
+def rows(base: RunConfig, n_blocks: int, has_cls: bool = True) -> list[AblationRow]:
     """Every row, the default first; a paper layer whose equivalent block repeats an earlier one (models of
-    fewer than 12 blocks can map two layers to one block) is left out, as it would repeat that row."""
+    fewer than 12 blocks can map two layers to one block) is left out, as it would repeat that row. Without a
+    CLS token (SigLIP), the CLS-only row is kept but marked unavailable."""
     from patchsae.analysis.paper import PAPER_TABLE2
 
     paper = {key: label for key, label in zip(("default", "cls", "layer8", "layer5"), (r[0] for r in PAPER_TABLE2))}
@@ -69,7 +71,8 @@ def rows(base: RunConfig, n_blocks: int) -> list[AblationRow]:
         seen.add(block)
         out.append(AblationRow(f"layer{layer}", f"layer {layer} of 12: block {block}", "layer",
                                replace(default, layer=block), paper.get(f"layer{layer}")))
-    out.append(AblationRow("cls", "CLS token only", "tokens", replace(default, tokens="cls"), paper["cls"]))
+    out.append(AblationRow("cls", "CLS token only", "tokens", replace(default, tokens="cls"), paper["cls"],
+                           None if has_cls else "the model has no CLS token (SigLIP pools its patch tokens)"))
     out += [AblationRow(f"x{e}", f"expansion x{e}", "expansion", replace(default, expansion=e))
             for e in EXPANSIONS if e != default.expansion]
     out += [AblationRow(f"lambda{f:g}x", f"lambda {f:g} x {lam:g} = {f * lam:g}", "lambda",

@@ -71,7 +71,7 @@ def run(root: str | Path, given: dict, budget_tokens: int | None = None, cl_batc
     t0, root = time.time(), Path(root)
     base = base_config(given.get("model"), given)
     model = model_for(base)
-    plan = rows(base, model.n_layers)
+    plan = rows(base, model.n_layers, has_cls="cls" in model.layout().kinds())
     shared = _shared_cache(root, plan, model, progress)
     if budget_tokens is None:
         budget_tokens = _row_tokens(shared, plan[0].cfg)
@@ -119,6 +119,9 @@ def _row(root: Path, row: AblationRow, shared: Run, budget_tokens: int, model, c
     from patchsae.stages import train
     from patchsae.utils import read_json
 
+    if row.unavailable:
+        print(f"{row.name}: skipped: {row.unavailable}", file=sys.stderr)
+        return RowResult(row, None, None, row.unavailable, 0.0)
     run_ = Run(root / row.name)
     sae_config = run_.sae_dir / "config.json"  # save_sae writes it after the weights: it marks a finished SAE
     need = training_bytes(row.cfg, model.d_model)
