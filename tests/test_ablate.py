@@ -152,3 +152,21 @@ def test_a_row_the_model_cannot_run_is_listed_with_why(tiny_clip_dir, tmp_path, 
     assert [(r["name"], r["skipped"] is None) for r in summary["rows"]] == [("default", True), ("cls", False)]
     assert not (root / "cls").exists()
     assert "- CLS token only: the model has no CLS token" in (root / "ablation.md").read_text()
+
+
+def test_a_bad_budget_is_refused_before_any_work(tiny_clip_dir, tmp_path, capsys):
+    root = tmp_path / "ablation"
+    assert _ablate(tiny_clip_dir, root, "--budget-tokens", "0") == 2
+    assert capsys.readouterr().err.strip() == "patchsae: error: --budget-tokens must be positive, not 0"
+    assert not root.exists()  # no model opened, no cache started
+
+
+def test_token_mask_selects_the_token_set():
+    from patchsae.activations.tokens import token_mask
+    from patchsae.models.backbone import TokenLayout
+
+    layout = TokenLayout(n_cls=1, n_prompt=2, grid=(2, 2), n_register=1)
+    kinds = layout.kinds()  # cls, register, prompt, prompt, patch x 4
+    assert token_mask(kinds, "all").tolist() == layout.image_token_mask().tolist()
+    assert token_mask(kinds, "cls").tolist() == [True] + [False] * 7
+    assert token_mask(kinds, "all+register").tolist() == [True, True, False, False, True, True, True, True]

@@ -32,6 +32,14 @@ def token_positions(kinds: list[str], tokens: str) -> np.ndarray:
     return np.array([i for i, k in enumerate(kinds) if k in TOKEN_SETS[tokens]], dtype=np.int64)
 
 
+
+def token_mask(kinds: list[str], tokens: str) -> torch.Tensor:
+    """(len(kinds),) bool: the rows of a block's output that the token set selects (token_positions as a mask;
+    for "all" the same rows as TokenLayout.image_token_mask)."""
+    mask = torch.zeros(len(kinds), dtype=torch.bool)
+    mask[torch.from_numpy(token_positions(kinds, tokens))] = True
+    return mask
+
 def cls_positions(kinds: list[str], positions: np.ndarray) -> np.ndarray:
     """(len(positions),) bool: which of the selected positions is a CLS token (the reference objective
     weights their error by mse_cls_coefficient)."""

@@ -1,7 +1,7 @@
 """Held-out evaluation of a trained SAE inside its CLIP: reconstruction metrics, and zero-shot accuracy of
 the original model, with the SAE reconstruction spliced into the tokens it was trained on (the run's token
-set; all = CLS and patches), and with that block's output zero-ablated; Table 2's metrics (sae/metrics.py) and CLIP's contrastive losses with the CLS
-token or every token spliced (analysis/contrastive.py). One forward to the hooked block per batch serves all. A
+set; all = CLS and patches), and with that block's output zero-ablated; Table 2's metrics (sae/metrics.py) and
+CLIP's contrastive losses with the CLS token or every token spliced (analysis/contrastive.py). One forward to the hooked block per batch serves all. A
 model without a text tower (DINOv2) is given its run's linear probe instead: the three accuracies are the probe's
 and there are no contrastive losses."""
 
@@ -28,13 +28,12 @@ def evaluate(model: Backbone, sae: SAE, ds: LabelledImages, layer: int, batch_si
     classes). `tokens`: the token set the SAE was trained on (activations/tokens.py); the reconstruction metrics
     are measured on those rows and the spliced accuracy splices those rows, so a CLS-only SAE is judged on CLS
     tokens as the paper's Table 2 does."""
-    from patchsae.activations.tokens import token_positions
+    from patchsae.activations.tokens import token_mask
 
     sae = sae.to(model.device).eval()
     clf = classifier or TextClassifier(model, model.text_head(ds.class_names))
     stats = ReconstructionStats(sae.cfg.d_model, sae.cfg.d_sae)
-    image_rows = torch.zeros(len(model.layout().kinds()), dtype=torch.bool)
-    image_rows[torch.from_numpy(token_positions(model.layout().kinds(), tokens))] = True
+    image_rows = token_mask(model.layout().kinds(), tokens)
     correct = {"zero_shot_accuracy": 0, "spliced_accuracy": 0, "zero_ablated_accuracy": 0}
     n = 0
     order = range(min(len(ds), max_images)) if max_images else None

@@ -68,6 +68,8 @@ def run(root: str | Path, given: dict, budget_tokens: int | None = None, cl_batc
     from patchsae.runs.ablation import base_config, rows
     from patchsae.stages.setup import model_for
 
+    if budget_tokens is not None and budget_tokens <= 0:  # before the model is opened and the cache built
+        raise PatchSAEError(f"--budget-tokens must be positive, not {budget_tokens}")
     t0, root = time.time(), Path(root)
     base = base_config(given.get("model"), given)
     model = model_for(base)
@@ -75,8 +77,6 @@ def run(root: str | Path, given: dict, budget_tokens: int | None = None, cl_batc
     shared = _shared_cache(root, plan, model, progress)
     if budget_tokens is None:
         budget_tokens = _row_tokens(shared, plan[0].cfg)
-    if budget_tokens <= 0:
-        raise PatchSAEError(f"--budget-tokens must be positive, not {budget_tokens}")
     available = available_bytes(base.device)
     results = [_row(root, row, shared, budget_tokens, model, cl_batch_size, available, progress) for row in plan]
     text = _write_table(root, base, results, budget_tokens, model)
@@ -99,7 +99,7 @@ def _shared_cache(root: Path, plan: list[AblationRow], model, progress: bool) ->
 
 def _init(run_: Run, cfg: RunConfig) -> None:
     """Write the run's config, or refuse one that holds results of another configuration."""
-    run_.init(cfg, {k: v for k, v in cfg.to_json().items()})
+    run_.init(cfg, cfg.to_json())
 
 
 def _row_tokens(shared: Run, cfg: RunConfig) -> int:
